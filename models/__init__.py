@@ -1,0 +1,1 @@
+"""Model generators: deterministic demo models with outlier channels, and their calibration data."""

@@ -1,0 +1,124 @@
+"""A small index over an ONNX graph: who produces and who consumes each tensor, and constants.
+
+Passes read the graph through :class:`GraphView` and edit the underlying
+``onnx.GraphProto`` directly; call :meth:`GraphView.rebuild` after structural edits.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from passes.onnx_io import TensorStore
+
+
+class GraphView:
+    def __init__(self, graph: onnx.GraphProto, store: TensorStore):
+        self.graph = graph
+        self.store = store
+        self.rebuild()
+
+    def rebuild(self) -> None:
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in self.graph.node:
+            for out in node.output:
+                if out:
+                    self.producer[out] = node
+            for inp in node.input:
+                if inp:
+                    self.consumers[inp].append(node)
+        self.graph_outputs = {o.name for o in self.graph.output}
+        self.graph_inputs = {i.name for i in self.graph.input}
+        self.initializers = {t.name for t in self.graph.initializer}
+        self.store.refresh(self.graph)
+
+    def all_names(self) -> set[str]:
+        names = set(self.initializers) | self.graph_inputs | self.graph_outputs
+        for node in self.graph.node:
+            names.add(node.name)
+            names.update(node.input)
+            names.update(node.output)
+        return names
+
+    def node_label(self, node: onnx.NodeProto) -> str:
+        return f"{node.op_type} node {node.name!r}" if node.name else f"{node.op_type} node producing {node.output[0]!r}"
+
+    def exclusive(self, tensor: str, users: list[onnx.NodeProto]) -> bool:
+        """True if ``tensor`` is read only by ``users`` and is not a graph output."""
+        if tensor in self.graph_outputs:
+            return False
+        ids = {id(n) for n in users}
+        return all(id(c) in ids for c in self.consumers.get(tensor, []))
+
+    # Constants -----------------------------------------------------------------------
+
+    def constant_source(self, tensor: str) -> str | None:
+        """The initializer that ``tensor`` is, directly or through Identity nodes; else None.
+
+        Graph inputs that shadow an initializer (IR < 4 style) are not constants.
+        """
+        seen = 0
+        while tensor not in self.initializers:
+            node = self.producer.get(tensor)
+            if node is None or node.op_type != "Identity" or seen > 16:
+                return None
+            tensor, seen = node.input[0], seen + 1
+        if tensor in self.graph_inputs:
+            return None
+        return tensor
+
+    def constant_value(self, tensor: str) -> np.ndarray | None:
+        """The value of ``tensor`` if it is a constant (initializer, Identity of one, Constant node)."""
+        source = self.constant_source(tensor)
+        if source is not None:
+            return self.store.array(source)
+        node = self.producer.get(tensor)
+        if node is not None and node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    return numpy_helper.to_array(attr.t)
+                if attr.name == "value_float":
+                    return np.array(attr.f, dtype=np.float32)
+                if attr.name == "value_floats":
+                    return np.array(list(attr.floats), dtype=np.float32)
+        return None
+
+    def initializer_users(self, name: str) -> list[onnx.NodeProto]:
+        """Every node reading initializer ``name``, also through Identity nodes."""
+        users = []
+        for node in self.consumers.get(name, []):
+            if node.op_type == "Identity":
+                users.extend(self.initializer_users(node.output[0]))
+            else:
+                users.append(node)
+        return users
+
+    def set_initializer(self, name: str, value: np.ndarray) -> None:
+        """Replace (or add) initializer ``name`` with ``value``, stored inline."""
+        new = numpy_helper.from_array(np.ascontiguousarray(value), name)
+        for i, t in enumerate(self.graph.initializer):
+            if t.name == name:
+                self.graph.initializer[i].CopyFrom(new)
+                break
+        else:
+            self.graph.initializer.append(new)
+            self.initializers.add(name)
+        self.store.refresh(self.graph)
+
+
+def attribute(node: onnx.NodeProto, name: str, default=None):
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    raise ValueError("model has no default-domain opset import")

@@ -1,0 +1,65 @@
+"""Names of everything the passes insert into a graph, made in one place.
+
+Inserted names carry the ``sq`` marker so a reader of the output graph can tell them
+apart; :func:`unique` keeps them from colliding with names already in the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+PREFIX = "sq"
+
+
+class NameFactory:
+    """Hands out names not yet used in a graph."""
+
+    def __init__(self, taken: Iterable[str]):
+        self._taken = set(taken)
+
+    def unique(self, base: str) -> str:
+        name, i = base, 1
+        while name in self._taken:
+            name = f"{base}_{i}"
+            i += 1
+        self._taken.add(name)
+        return name
+
+    # Calibration (temporary graph, never written to the output).
+    def amax_output(self, tensor: str) -> str:
+        return self.unique(f"{PREFIX}_amax::{tensor}")
+
+    def amax_node(self, tensor: str, step: str) -> str:
+        return self.unique(f"{PREFIX}_calib::{tensor}::{step}")
+
+    # Smoothing.
+    def cloned_constant(self, original: str) -> str:
+        return self.unique(f"{original}.{PREFIX}_smoothed")
+
+    def smoothing_scale(self, tensor: str) -> str:
+        return self.unique(f"{PREFIX}_inv_scale::{tensor}")
+
+    def smoothing_mul(self, tensor: str) -> str:
+        return self.unique(f"{PREFIX}_smooth::{tensor}")
+
+    def smoothed_tensor(self, tensor: str) -> str:
+        return self.unique(f"{tensor}.{PREFIX}_smoothed")
+
+    # Quantization.
+    def q_node(self, tensor: str) -> str:
+        return self.unique(f"{PREFIX}_q::{tensor}")
+
+    def dq_node(self, tensor: str) -> str:
+        return self.unique(f"{PREFIX}_dq::{tensor}")
+
+    def quantized(self, tensor: str) -> str:
+        return self.unique(f"{tensor}.{PREFIX}_quantized")
+
+    def dequantized(self, tensor: str) -> str:
+        return self.unique(f"{tensor}.{PREFIX}_dequantized")
+
+    def scale(self, tensor: str) -> str:
+        return self.unique(f"{tensor}.{PREFIX}_scale")
+
+    def zero_point(self, tensor: str) -> str:
+        return self.unique(f"{tensor}.{PREFIX}_zero_point")

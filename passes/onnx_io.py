@@ -1,0 +1,228 @@
+"""Loading and saving ONNX models without loading what is not needed.
+
+* :func:`load_model` parses the graph only (``load_external_data=False``) and checks that
+  every external-data file a tensor points at exists and is long enough, so a model of
+  many gigabytes costs only its graph in memory until a pass asks for one tensor.
+* :class:`TensorStore` gives passes the tensors they ask for, one at a time.
+* :func:`save_model` writes a model atomically: into a temporary file beside the target,
+  streaming each tensor (copied from the source's external data when untouched), then
+  renamed into place. On any failure nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import numpy_helper
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+from passes.errors import SmoothQuantError
+
+PROTOBUF_LIMIT = 2**31 - 1
+# Write external data when tensors add up to more than this (protobuf caps a file at 2 GiB).
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+# Tensors smaller than this stay inline even in an external-data model (as onnx does).
+INLINE_TENSOR_BYTES = 1024
+
+
+@dataclass
+class LoadedModel:
+    """A model proto whose external tensors are still on disk, and where they are."""
+
+    proto: onnx.ModelProto
+    path: Path
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    @property
+    def uses_external_data(self) -> bool:
+        return any(uses_external_data(t) for t in self.proto.graph.initializer)
+
+
+def load_model(path: str | os.PathLike) -> LoadedModel:
+    """Parse ``path`` without external data, and check that it is a usable ONNX model."""
+    path = Path(path)
+    if not path.is_file():
+        raise SmoothQuantError(f"{path}: no such file")
+    try:
+        with path.open("rb") as f:
+            proto = onnx.load_model(f, load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError) as e:
+        raise SmoothQuantError(f"{path}: not a valid ONNX model ({type(e).__name__}: {e})") from None
+    if not proto.graph.node:
+        raise SmoothQuantError(f"{path}: not a valid ONNX model (the graph has no nodes; is the file truncated?)")
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0]
+        raise SmoothQuantError(f"{path}: ONNX checker rejected the model: {first}") from None
+    _check_external_data(proto, path.parent, path)
+    return LoadedModel(proto, path)
+
+
+def _check_external_data(proto: onnx.ModelProto, base_dir: Path, path: Path) -> None:
+    for tensor in proto.graph.initializer:
+        if not uses_external_data(tensor):
+            continue
+        info = ExternalDataInfo(tensor)
+        location = base_dir / info.location
+        if not location.is_file():
+            raise SmoothQuantError(
+                f"{path}: tensor {tensor.name!r} points at external data {info.location!r}, which does not exist"
+            )
+        need = (info.offset or 0) + (info.length if info.length is not None else _nbytes(tensor))
+        have = location.stat().st_size
+        if need > have:
+            raise SmoothQuantError(
+                f"{path}: tensor {tensor.name!r} needs bytes up to {need} of {info.location!r}, "
+                f"which has only {have} (truncated?)"
+            )
+
+
+def _nbytes(tensor: onnx.TensorProto) -> int:
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    return int(np.prod(tensor.dims, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+class TensorStore:
+    """Reads initializers on demand, from the proto or from their external data file."""
+
+    def __init__(self, model: LoadedModel):
+        self._base_dir = model.base_dir
+        self._by_name = {t.name: t for t in model.proto.graph.initializer}
+
+    def refresh(self, graph: onnx.GraphProto) -> None:
+        self._by_name = {t.name: t for t in graph.initializer}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
+    def proto(self, name: str) -> onnx.TensorProto:
+        return self._by_name[name]
+
+    def array(self, name: str) -> np.ndarray:
+        tensor = self._by_name[name]
+        if uses_external_data(tensor):
+            return numpy_helper.to_array(tensor, base_dir=str(self._base_dir))
+        return numpy_helper.to_array(tensor)
+
+
+def tensor_bytes(tensor: onnx.TensorProto, base_dir: Path) -> bytes:
+    """The raw little-endian bytes of one tensor, read from disk if external."""
+    if uses_external_data(tensor):
+        info = ExternalDataInfo(tensor)
+        with (base_dir / info.location).open("rb") as f:
+            f.seek(info.offset or 0)
+            return f.read(info.length if info.length is not None else _nbytes(tensor))
+    if tensor.HasField("raw_data"):
+        return tensor.raw_data
+    return numpy_helper.to_array(tensor).tobytes()
+
+
+def _total_tensor_bytes(proto: onnx.ModelProto) -> int:
+    total = 0
+    for t in proto.graph.initializer:
+        total += _nbytes(t) if uses_external_data(t) or not t.HasField("raw_data") else len(t.raw_data)
+    return total
+
+
+@contextlib.contextmanager
+def _atomic_paths(*targets: Path) -> Iterator[list[Path]]:
+    """Temporary paths beside each target, renamed over the targets only if the body succeeds."""
+    temps = []
+    try:
+        for target in targets:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            os.close(fd)
+            temps.append(Path(tmp))
+        yield temps
+        for tmp, target in zip(temps, targets):
+            os.replace(tmp, target)
+        temps = []
+    finally:
+        for tmp in temps:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+
+def save_model(proto: onnx.ModelProto, path: str | os.PathLike, source_dir: Path | None, *,
+               external_data: bool | None = None) -> list[Path]:
+    """Write ``proto`` to ``path`` atomically; return the files written.
+
+    Tensors still pointing at the source's external data are streamed from ``source_dir``,
+    one at a time. With ``external_data=None`` the model gets an external-data file
+    (``<name>.data``) when it must (tensors over 1 GiB in all, or the source used one).
+    ``proto`` is not modified.
+    """
+    path = Path(path)
+    if external_data is None:
+        had_external = any(uses_external_data(t) for t in proto.graph.initializer)
+        external_data = had_external or _total_tensor_bytes(proto) > EXTERNAL_DATA_THRESHOLD
+    if any(uses_external_data(t) for t in proto.graph.initializer) and source_dir is None:
+        raise ValueError("the model points at external data but no source directory was given")
+
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    del out.graph.initializer[:]
+    if not external_data:
+        for t in proto.graph.initializer:
+            new = out.graph.initializer.add()
+            new.CopyFrom(t)
+            if uses_external_data(t):
+                del new.external_data[:]
+                new.data_location = onnx.TensorProto.DEFAULT
+                new.raw_data = tensor_bytes(t, source_dir)
+        if out.ByteSize() > PROTOBUF_LIMIT:
+            raise SmoothQuantError(f"{path}: model exceeds 2 GiB; it must be written with external data")
+        with _atomic_paths(path) as (tmp_model,):
+            tmp_model.write_bytes(out.SerializeToString())
+        return [path]
+
+    data_path = path.with_name(path.name + ".data")
+    with _atomic_paths(data_path, path) as (tmp_data, tmp_model):
+        offset = 0
+        with tmp_data.open("wb") as data:
+            for t in proto.graph.initializer:
+                new = out.graph.initializer.add()
+                new.CopyFrom(t)
+                raw = tensor_bytes(t, source_dir) if source_dir is not None else tensor_bytes(t, Path("."))
+                if len(raw) < INLINE_TENSOR_BYTES:
+                    del new.external_data[:]
+                    new.data_location = onnx.TensorProto.DEFAULT
+                    _set_raw(new, raw)
+                    continue
+                pad = (-offset) % 4096  # page-aligned, so runtimes can memory-map tensors
+                data.write(b"\0" * pad)
+                offset += pad
+                data.write(raw)
+                _set_raw(new, None)
+                del new.external_data[:]
+                new.data_location = onnx.TensorProto.EXTERNAL
+                for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(len(raw)))):
+                    entry = new.external_data.add()
+                    entry.key, entry.value = key, value
+                offset += len(raw)
+        tmp_model.write_bytes(out.SerializeToString())
+    return [path, data_path]
+
+
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+def _set_raw(tensor: onnx.TensorProto, raw: bytes | None) -> None:
+    for field in _TYPED_FIELDS:
+        tensor.ClearField(field)
+    tensor.ClearField("raw_data")
+    if raw is not None:
+        tensor.raw_data = raw

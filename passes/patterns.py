@@ -1,0 +1,289 @@
+"""Where a smoothing division ``X / s`` can be absorbed, found by graph pattern.
+
+A fold site rewrites the producer of X so it emits ``X / s`` directly:
+
+* **norm** (:class:`AffineFold`): X = Z * gamma [+ beta] with per-channel constants, as
+  in ``LayerNormalization(Z, gamma, beta)``, ``BatchNormalization`` (NCHW), or the
+  decomposed LayerNorm/RMSNorm of torch exporters (a ReduceMean/Sqrt/Div chain ending
+  in ``Mul(gamma)`` [+ ``Add(beta)``]). Then ``X / s = Z * (gamma / s) + beta / s``.
+* **linear** (:class:`LinearOutputFold`): X = A (.) (P W_p + b_p), an elementwise product
+  (or X itself) whose factor comes from a linear layer read by nothing else, as in
+  SwiGLU's ``silu(gate) * up``. Then ``X / s = A (.) (P (W_p / s) + b_p / s)``: 1/s
+  scales W_p's output channels.
+* **mul** (:class:`InsertedMul`): no constant can absorb it; one explicit
+  ``Mul(X, 1/s)`` is placed before the group's linear ops (reported as unfolded).
+
+Every site requires that the tensors it rescales are read only by the group, so no
+other consumer sees a changed value. Constants shared with other nodes are cloned.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from passes.graph import GraphView, attribute
+from passes.linear import LinearOp
+from passes.naming import NameFactory
+
+
+class FoldKind(enum.Enum):
+    NORM = "norm"
+    LINEAR = "linear"
+    MUL = "mul"
+
+
+def channel_shape(shape: tuple[int, ...], channels: int, channel_axis: int, rank: int | None) -> tuple[int, ...] | None:
+    """The shape a ``[C]`` vector must take to broadcast like a constant of ``shape``.
+
+    None if the constant does not act per channel along ``channel_axis`` (-1: last axis;
+    1: NCHW channel axis of a rank-``rank`` tensor). Scalars broadcast to every channel.
+    """
+    size = int(np.prod(shape, dtype=np.int64))
+    if channel_axis == -1:
+        if size == 1 or (shape and shape[-1] == channels and size == channels):
+            return (channels,) if size == 1 else tuple(shape)
+        return None
+    if rank is None:
+        return None
+    natural = (channels,) + (1,) * (rank - 2)
+    if size == 1:
+        return natural
+    if size != channels or len(shape) > rank:
+        return None
+    padded = (1,) * (rank - len(shape)) + tuple(shape)
+    return tuple(shape) if padded[1] == channels else None
+
+
+@dataclass
+class FoldContext:
+    view: GraphView
+    names: NameFactory
+    group_nodes: list[onnx.NodeProto]
+    notes: list[str]
+
+    def private_constant(self, node: onnx.NodeProto, index: int, allowed: list[onnx.NodeProto]) -> str:
+        """Make ``node.input[index]`` an initializer read by ``allowed`` nodes only; return its name.
+
+        Shared initializers (and Constant-node values) are copied into a new initializer.
+        """
+        view, tensor = self.view, node.input[index]
+        source = view.constant_source(tensor)
+        if source is not None:
+            allowed_ids = {id(n) for n in allowed}
+            if all(id(u) in allowed_ids for u in view.initializer_users(source)):
+                if tensor != source:  # skip the Identity so the value is read directly
+                    self._rewire(allowed, tensor, source)
+                return source
+            value = view.store.array(source)
+            self.notes.append(f"cloned constant {source!r} (shared with other nodes)")
+        else:
+            value = view.constant_value(tensor)
+            source = tensor
+        clone = self.names.cloned_constant(source)
+        view.set_initializer(clone, value)
+        self._rewire(allowed, tensor, clone)
+        return clone
+
+    def _rewire(self, nodes: list[onnx.NodeProto], old: str, new: str) -> None:
+        for node in nodes:
+            for i, name in enumerate(node.input):
+                if name == old:
+                    node.input[i] = new
+        self.view.rebuild()
+
+    def scale_constant(self, node: onnx.NodeProto, index: int, factor: np.ndarray, allowed: list[onnx.NodeProto],
+                       axis: int | None, channel_axis: int, rank: int | None) -> None:
+        """Multiply the constant at ``node.input[index]`` by ``factor`` per channel.
+
+        ``axis`` set: the constant is a weight and ``factor`` runs along that axis.
+        ``axis`` None: the constant broadcasts against the activation (gamma, beta, bias).
+        """
+        name = self.private_constant(node, index, allowed)
+        value = self.view.store.array(name)
+        if axis is not None:
+            shape = [1] * value.ndim
+            shape[axis] = factor.size
+            new = value.astype(np.float64) * factor.reshape(shape)
+        else:
+            shape = channel_shape(value.shape, factor.size, channel_axis, rank)
+            new = (value.astype(np.float64) * factor.reshape(shape)) if value.size != 1 else \
+                value.reshape(()).astype(np.float64) * factor.reshape(shape)
+        self.view.set_initializer(name, new.astype(value.dtype))
+
+
+@dataclass(frozen=True)
+class AffineFold:
+    """X = Z * gamma [+ beta]: divide gamma and beta by s."""
+
+    kind = FoldKind.NORM
+    description: str
+    constants: tuple[tuple[onnx.NodeProto, int], ...]  # (node, input index) of gamma, beta
+    channel_axis: int
+    rank: int | None
+
+    def apply(self, ctx: FoldContext, inv_s: np.ndarray) -> None:
+        for node, index in self.constants:
+            ctx.scale_constant(node, index, inv_s, [node], None, self.channel_axis, self.rank)
+
+
+@dataclass(frozen=True)
+class LinearOutputFold:
+    """X = A (.) (P W + b): divide W's output channels and b by s."""
+
+    kind = FoldKind.LINEAR
+    description: str
+    producer: LinearOp
+    bias: tuple[onnx.NodeProto, int] | None  # an Add's constant input, or Gemm's C
+
+    def apply(self, ctx: FoldContext, inv_s: np.ndarray) -> None:
+        node = self.producer.node
+        ctx.scale_constant(node, 1, inv_s, [node], self.producer.weight_out_axis, -1, None)
+        if self.bias is not None:
+            bias_node, index = self.bias
+            ctx.scale_constant(bias_node, index, inv_s, [bias_node], None, -1, None)
+
+
+@dataclass(frozen=True)
+class InsertedMul:
+    """No constant absorbs 1/s: insert X_s = Mul(X, 1/s) before the group's linear ops."""
+
+    kind = FoldKind.MUL
+    description: str
+    activation: str
+    channel_axis: int
+    rank: int | None
+
+    def apply(self, ctx: FoldContext, inv_s: np.ndarray) -> None:
+        view = ctx.view
+        dtype = np.float32
+        shape = (inv_s.size,) if self.channel_axis == -1 else (inv_s.size,) + (1,) * (self.rank - 2)
+        for vi in list(view.graph.value_info) + list(view.graph.input) + list(view.graph.output):
+            if vi.name == self.activation and vi.type.tensor_type.elem_type:
+                dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+        scale_name = ctx.names.smoothing_scale(self.activation)
+        view.set_initializer(scale_name, inv_s.reshape(shape).astype(dtype))
+        smoothed = ctx.names.smoothed_tensor(self.activation)
+        mul = helper.make_node("Mul", [self.activation, scale_name], [smoothed],
+                               name=ctx.names.smoothing_mul(self.activation))
+        first = min(list(view.graph.node).index(n) for n in ctx.group_nodes)
+        view.graph.node.insert(first, mul)
+        for node in ctx.group_nodes:
+            node.input[0] = smoothed
+        view.rebuild()
+
+
+FoldSite = AffineFold | LinearOutputFold | InsertedMul
+
+
+def _const_channel(view: GraphView, tensor: str, channels: int, channel_axis: int, rank: int | None) -> bool:
+    value_shape = None
+    source = view.constant_source(tensor)
+    if source is not None:
+        value_shape = tuple(view.store.proto(source).dims)
+    else:
+        value = view.constant_value(tensor)
+        if value is not None:
+            value_shape = value.shape
+    return value_shape is not None and channel_shape(value_shape, channels, channel_axis, rank) is not None
+
+
+def _describe_norm(view: GraphView, tensor: str) -> str:
+    """Name the normalization that produced ``tensor`` by the ops upstream of it."""
+    ops, frontier = set(), [tensor]
+    for _ in range(8):
+        nxt = []
+        for t in frontier:
+            node = view.producer.get(t)
+            if node is not None:
+                ops.add(node.op_type)
+                nxt.extend(node.input)
+        frontier = nxt
+    if "ReduceMean" in ops and ops & {"Sqrt", "Reciprocal", "Div", "Rsqrt"}:
+        return "LayerNorm (decomposed)" if "Sub" in ops else "RMSNorm (decomposed)"
+    return "per-channel affine"
+
+
+def find_fold_site(view: GraphView, activation: str, group: list[LinearOp], linear_by_output: dict[str, LinearOp],
+                   channels: int, channel_axis: int, rank: int | None) -> FoldSite | str:
+    """The site that can absorb ``1/s`` for ``activation``, or the reason there is none."""
+    group_nodes = [op.node for op in group]
+    if activation in view.graph_inputs:
+        return f"{activation!r} is a graph input"
+    if not view.exclusive(activation, group_nodes):
+        if activation in view.graph_outputs:
+            return f"{activation!r} is also a graph output"
+        other = next(c for c in view.consumers[activation] if all(c is not n for n in group_nodes))
+        return f"{activation!r} is also read by {view.node_label(other)}"
+    node = view.producer.get(activation)
+    if node is None:
+        return f"{activation!r} has no producer"
+    op = node.op_type
+    is_const = lambda t: _const_channel(view, t, channels, channel_axis, rank)  # noqa: E731
+
+    if op == "LayerNormalization" and channel_axis == -1 and attribute(node, "axis", -1) == -1:
+        if is_const(node.input[1]) and (len(node.input) < 3 or not node.input[2] or is_const(node.input[2])):
+            consts = [(node, 1)] + ([(node, 2)] if len(node.input) > 2 and node.input[2] else [])
+            return AffineFold("LayerNormalization", tuple(consts), channel_axis, rank)
+    if op == "BatchNormalization" and channel_axis == 1 and not attribute(node, "training_mode", 0):
+        if is_const(node.input[1]) and is_const(node.input[2]):
+            return AffineFold("BatchNormalization", ((node, 1), (node, 2)), channel_axis, rank)
+    if op == "Add":
+        for beta_idx in (0, 1):
+            other = node.input[1 - beta_idx]
+            mul = view.producer.get(other)
+            if not is_const(node.input[beta_idx]) or mul is None or mul.op_type != "Mul":
+                continue
+            if not view.exclusive(other, [node]):
+                continue
+            for gamma_idx in (0, 1):
+                if is_const(mul.input[gamma_idx]) and not is_const(mul.input[1 - gamma_idx]):
+                    return AffineFold(_describe_norm(view, mul.input[1 - gamma_idx]),
+                                      ((mul, gamma_idx), (node, beta_idx)), channel_axis, rank)
+    if op == "Mul":
+        for gamma_idx in (0, 1):
+            if is_const(node.input[gamma_idx]) and not is_const(node.input[1 - gamma_idx]):
+                return AffineFold(_describe_norm(view, node.input[1 - gamma_idx]), ((node, gamma_idx),),
+                                  channel_axis, rank)
+    if channel_axis == -1:
+        fold = _linear_output_site(view, activation, linear_by_output, channels)
+        if fold is not None:
+            return fold
+        if op == "Mul":
+            for factor in node.input:
+                if view.exclusive(factor, [node]):
+                    fold = _linear_output_site(view, factor, linear_by_output, channels, "SwiGLU / gated product")
+                    if fold is not None:
+                        return fold
+    return f"{activation!r} is produced by {view.node_label(node)}, which has no constant to absorb 1/s"
+
+
+def _linear_output_site(view: GraphView, tensor: str, linear_by_output: dict[str, LinearOp], channels: int,
+                        description: str = "preceding linear layer") -> LinearOutputFold | None:
+    """``tensor`` = P W [+ b] from a MatMul/Gemm whose output nothing else reads."""
+    node = view.producer.get(tensor)
+    bias = None
+    if node is not None and node.op_type == "Add":
+        for b in (0, 1):
+            inner = node.input[1 - b]
+            if inner in linear_by_output and _const_channel(view, node.input[b], channels, -1, None) \
+                    and view.exclusive(inner, [node]):
+                bias, tensor = (node, b), inner
+                break
+        else:
+            return None
+    op = linear_by_output.get(tensor)
+    if op is None or op.activation_channel_axis != -1:
+        return None
+    weight_dims = view.store.proto(view.constant_source(op.node.input[1])).dims
+    if weight_dims[op.weight_out_axis] != channels:
+        return None
+    if op.node.op_type == "Gemm" and len(op.node.input) > 2 and op.node.input[2]:
+        if bias is not None or not _const_channel(view, op.node.input[2], channels, -1, None):
+            return None
+        bias = (op.node, 2)
+    return LinearOutputFold(description, op, bias)

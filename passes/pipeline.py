@@ -1,0 +1,115 @@
+"""The whole run: load, calibrate, smooth, fold, quantize, save. The CLI is a thin wrapper.
+
+>>> from passes import smoothquant, SmoothQuantConfig, SmoothingConfig
+>>> result = smoothquant("model.onnx", calib="model.calib.npz",
+...                      config=SmoothQuantConfig(SmoothingConfig(alpha=0.8)))  # doctest: +SKIP
+>>> print(result.report.summary())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+from calibrators.data import CalibrationData, Feed
+from calibrators.minmax import collect_channel_stats
+from calibrators.stats import ChannelStats
+from passes.config import SmoothQuantConfig
+from passes.errors import SmoothQuantError
+from passes.fold import SmoothingReport, fold_smoothing
+from passes.graph import GraphView
+from passes.linear import find_linear_ops
+from passes.onnx_io import LoadedModel, TensorStore, load_model, save_model
+from passes.smooth import find_groups, plan_smoothing, stat_targets
+
+CalibSource = str | os.PathLike | Iterable[Feed]
+
+
+@dataclass
+class SmoothQuantResult:
+    model: onnx.ModelProto  # the output graph (tensors that were external stay external)
+    report: SmoothingReport
+    stats: ChannelStats
+    written: list[Path] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
+
+
+def default_output_path(model_path: str | os.PathLike, smooth_only: bool) -> Path:
+    path = Path(model_path)
+    return path.with_name(f"{path.stem}.{'smooth' if smooth_only else 'sq'}.onnx")
+
+
+def default_calibration_path(model_path: str | os.PathLike) -> Path | None:
+    """``<stem>.calib.npz`` or a ``<stem>.calib/`` folder beside the model, if present."""
+    path = Path(model_path)
+    for candidate in (path.with_name(f"{path.stem}.calib.npz"), path.with_name(f"{path.stem}.calib")):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def smoothquant(model: str | os.PathLike, output: str | os.PathLike | None = None, *,
+                calib: CalibSource | None = None, stats: ChannelStats | Sequence[str | os.PathLike] | None = None,
+                stats_out: str | os.PathLike | None = None, config: SmoothQuantConfig = SmoothQuantConfig(),
+                write: bool = True) -> SmoothQuantResult:
+    """Smooth (and, unless ``config.quantization`` is None, quantize) ``model``.
+
+    ``calib``: an .npz, a folder of them, or an iterable of feed dicts; defaults to
+    ``<stem>.calib.npz`` beside the model. ``stats``: statistics to use instead of
+    calibrating (a :class:`ChannelStats` or files written by ``stats_out``, merged).
+    The input file is never modified; the output is written atomically.
+    """
+    loaded = load_model(model)
+    smooth_only = config.quantization is None
+    out_path = Path(output) if output is not None else default_output_path(loaded.path, smooth_only)
+    if write and out_path.resolve() == loaded.path.resolve():
+        raise SmoothQuantError(f"{out_path}: the output would overwrite the input model")
+
+    view = GraphView(loaded.proto.graph, TensorStore(loaded))
+    linear_ops, _ = find_linear_ops(view)
+    messages = []
+    groups = find_groups(view, linear_ops, config.smoothing)
+    needs_stats = any(g.site is not None for g in groups) or not smooth_only
+
+    if not linear_ops:
+        messages.append(f"{loaded.path}: no MatMul/Gemm/Conv with a constant weight; nothing to smooth")
+    channel_stats = ChannelStats()
+    if needs_stats or stats_out is not None:
+        channel_stats = _get_stats(loaded, view, linear_ops, calib, stats, config)
+        if stats_out is not None:
+            channel_stats.save(stats_out)
+    planned, skipped = plan_smoothing(view, groups, channel_stats, config.smoothing)
+    report = fold_smoothing(view, planned, skipped)
+    if linear_ops and not report.smoothed:
+        messages.append(f"{loaded.path}: no smoothable pattern (norm or linear producer feeding linear ops); "
+                        f"the model is written unchanged")
+    if not smooth_only:
+        raise SmoothQuantError("quantization is not available yet: pass --smooth-only (API: quantization=None)")
+    result = SmoothQuantResult(loaded.proto, report, channel_stats, messages=messages)
+    if write:
+        result.written = save_model(loaded.proto, out_path, loaded.base_dir)
+    return result
+
+
+def _get_stats(loaded: LoadedModel, view: GraphView, linear_ops, calib: CalibSource | None,
+               stats: ChannelStats | Sequence[str | os.PathLike] | None, config: SmoothQuantConfig) -> ChannelStats:
+    if stats is not None:
+        return stats if isinstance(stats, ChannelStats) else ChannelStats.merge_files(list(stats))
+    if calib is None:
+        calib = default_calibration_path(loaded.path)
+        if calib is None:
+            raise SmoothQuantError(
+                f"{loaded.path}: no calibration data: pass --calib DATA (or --stats FILE), or put "
+                f"{loaded.path.stem}.calib.npz beside the model"
+            )
+    data = CalibrationData(calib, config.calibration.batch_size)
+    return collect_channel_stats(loaded, stat_targets(view, linear_ops), data, progress=config.calibration.progress)
+
+
+def eprint(*args) -> None:
+    print(*args, file=sys.stderr)

@@ -1,0 +1,117 @@
+"""Smoothing pass: group linear ops by shared activation, find fold sites, compute scales.
+
+A group is every supported linear op reading one activation X (Q/K/V after one norm,
+gate/up after another): they get ONE scale vector, from the max over all their weights::
+
+    s_j = max|X_j|^alpha / max_{W in group, n} |W[j, n]|^(1 - alpha)
+
+This module only plans (:func:`find_groups`, :func:`plan_smoothing`); :mod:`passes.fold`
+rewrites the graph.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from calibrators.minmax import StatTarget
+from calibrators.stats import ChannelStats
+from passes.config import SmoothingConfig, Unfoldable
+from passes.errors import SmoothQuantError
+from passes.graph import GraphView
+from passes.linear import LinearOp
+from passes.patterns import FoldSite, InsertedMul, find_fold_site
+from passes.scales import smoothing_scales
+
+
+@dataclass(frozen=True)
+class SmoothingGroup:
+    activation: str
+    consumers: tuple[LinearOp, ...]
+    channels: int
+    channel_axis: int
+    site: FoldSite | None
+    skip_reason: str | None = None
+
+    @property
+    def consumer_names(self) -> list[str]:
+        return [op.name for op in self.consumers]
+
+
+@dataclass(frozen=True)
+class PlannedGroup:
+    group: SmoothingGroup
+    scales: np.ndarray  # s, float64 [C]
+
+
+def stat_targets(view: GraphView, linear_ops: list[LinearOp]) -> list[StatTarget]:
+    """One calibration target per distinct activation read by a linear op."""
+    targets = {}
+    for op in linear_ops:
+        if op.activation in targets:
+            continue
+        dims = view.store.proto(op.weight).dims
+        targets[op.activation] = StatTarget(op.activation, op.activation_channel_axis, int(dims[op.weight_in_axis]),
+                                            len(dims) if op.activation_channel_axis == 1 else None)
+    return list(targets.values())
+
+
+def find_groups(view: GraphView, linear_ops: list[LinearOp], config: SmoothingConfig) -> list[SmoothingGroup]:
+    by_activation: dict[str, list[LinearOp]] = defaultdict(list)
+    for op in linear_ops:
+        by_activation[op.activation].append(op)
+    linear_by_output = {op.node.output[0]: op for op in linear_ops}
+    groups = []
+    for activation, ops in by_activation.items():
+        axes = {op.activation_channel_axis for op in ops}
+        widths = {int(view.store.proto(op.weight).dims[op.weight_in_axis]) for op in ops}
+        ranks = {len(view.store.proto(op.weight).dims) for op in ops}
+        if len(axes) > 1 or len(widths) > 1 or len(ranks) > 1:
+            groups.append(SmoothingGroup(activation, tuple(ops), widths.pop(), axes.pop(), None,
+                                         "its linear consumers disagree on the channel axis or width"))
+            continue
+        axis, channels, rank = axes.pop(), widths.pop(), ranks.pop()
+        site = find_fold_site(view, activation, ops, linear_by_output, channels, axis, rank if axis == 1 else None)
+        if isinstance(site, str):
+            if config.unfoldable is Unfoldable.MUL:
+                site = InsertedMul(f"explicit Mul ({site})", activation, axis, rank if axis == 1 else None)
+            else:
+                groups.append(SmoothingGroup(activation, tuple(ops), channels, axis, None, site))
+                continue
+        groups.append(SmoothingGroup(activation, tuple(ops), channels, axis, site))
+    return groups
+
+
+def weight_channel_amax(view: GraphView, op: LinearOp) -> np.ndarray:
+    """max |W| over output channels (and kernel positions), per input channel."""
+    w = np.abs(view.store.array(op.weight).astype(np.float32))
+    axes = tuple(a for a in range(w.ndim) if a != op.weight_in_axis)
+    return w.max(axis=axes)
+
+
+def plan_smoothing(view: GraphView, groups: list[SmoothingGroup], stats: ChannelStats,
+                   config: SmoothingConfig) -> tuple[list[PlannedGroup], list[SmoothingGroup]]:
+    """Scale vectors for each foldable group; groups that cannot be smoothed come back with a reason."""
+    planned, skipped = [], []
+    for group in groups:
+        if group.site is None:
+            skipped.append(group)
+            continue
+        act = stats.amax.get(group.activation)
+        if act is None:
+            raise SmoothQuantError(
+                f"the statistics have no entry for activation {group.activation!r} (read by "
+                f"{group.consumer_names[0]!r}); were they collected on another model?"
+            )
+        if act.shape != (group.channels,):
+            raise SmoothQuantError(f"statistics for activation {group.activation!r} have {act.shape[0]} channels, "
+                                   f"the model has {group.channels}")
+        if not np.all(np.isfinite(act)):
+            skipped.append(SmoothingGroup(group.activation, group.consumers, group.channels, group.channel_axis, None,
+                                          "non-finite activation statistics"))
+            continue
+        w_amax = np.max([weight_channel_amax(view, op) for op in group.consumers], axis=0)
+        planned.append(PlannedGroup(group, smoothing_scales(act, w_amax, config.alpha)))
+    return planned, skipped

@@ -1,0 +1,67 @@
+"""``python -m passes.smoothquant MODEL.onnx``: SmoothQuant an ONNX model.
+
+Exit codes: 0 success, 1 bad input or failure (one line on stderr naming the problem), 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from passes.config import CalibrationConfig, QuantizationConfig, SmoothingConfig, SmoothQuantConfig, Unfoldable
+from passes.errors import SmoothQuantError
+from passes.pipeline import smoothquant
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m passes.smoothquant", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", help="input ONNX model (never modified; external data is read in place)")
+    p.add_argument("-o", "--output", help="output model (default: MODEL.sq.onnx, or MODEL.smooth.onnx with --smooth-only)")
+    p.add_argument("--calib", help="calibration data: .npz (keys = input names, samples on axis 0) or a folder of them "
+                                   "(default: MODEL.calib.npz beside the model)")
+    p.add_argument("--stats", action="append", help="reuse statistics saved by --stats-out instead of calibrating; "
+                                                    "repeat to merge shards")
+    p.add_argument("--stats-out", help="save the calibration statistics to this .npz")
+    p.add_argument("--alpha", type=float, default=0.5, help="migration strength in [0, 1]")
+    p.add_argument("--unfoldable", choices=[u.value for u in Unfoldable], default=Unfoldable.SKIP.value,
+                   help="groups no constant can absorb: skip them, or insert one explicit Mul")
+    p.add_argument("--smooth-only", action="store_true", help="write the smoothed and folded FP model, no Q/DQ")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or per-group summary")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> SmoothQuantConfig:
+    return SmoothQuantConfig(
+        smoothing=SmoothingConfig(alpha=args.alpha, unfoldable=Unfoldable(args.unfoldable)),
+        calibration=CalibrationConfig(batch_size=args.batch_size, progress=not args.quiet),
+        quantization=None if args.smooth_only else QuantizationConfig(),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+        if args.stats and args.calib:
+            raise SmoothQuantError("pass either --calib (calibrate now) or --stats (reuse statistics), not both")
+        result = smoothquant(args.model, args.output, calib=args.calib, stats=args.stats,
+                             stats_out=args.stats_out, config=config)
+    except SmoothQuantError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+    for message in result.messages:
+        print(f"note: {message}", file=sys.stderr)
+    summary = result.report.summary()
+    print(summary if not args.quiet else summary.splitlines()[0])
+    print(f"wrote {', '.join(str(p) for p in result.written)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
