@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from passes.graph import GraphView
-from passes.naming import NameFactory
+from onnx import helper
+
+from passes.graph import GraphView, activation_dtype
+from passes.naming import PREFIX, NameFactory
 from passes.patterns import FoldContext, FoldKind
 from passes.smooth import PlannedGroup, SmoothingGroup
 
@@ -69,6 +71,10 @@ def fold_smoothing(view: GraphView, planned: list[PlannedGroup], skipped: list[S
         nodes = [op.node for op in group.consumers]
         ctx = FoldContext(view, names, nodes, [])
         group.site.apply(ctx, 1.0 / s)
+        if group.compensate:
+            _compensate(view, names, group, s)
+            ctx.notes.append(f"compensating Mul(X', s) for {len(group.compensate)} other reader(s): "
+                             + ", ".join(view.node_label(n) for n in group.compensate[:3]))
         scaled = set()
         for op in group.consumers:
             # Resolve the weight now: an earlier group may have cloned it.
@@ -86,6 +92,24 @@ def fold_smoothing(view: GraphView, planned: list[PlannedGroup], skipped: list[S
         report.groups.append(GroupResult(group.activation, tuple(group.consumer_names), None, group.skip_reason))
     _drop_unused_initializers(view)
     return report
+
+
+def _compensate(view: GraphView, names: NameFactory, group: SmoothingGroup, s: np.ndarray) -> None:
+    """Readers of X outside the group read ``Mul(X', s)``, which equals the old X."""
+    x = group.activation
+    shape = (s.size,) if group.channel_axis == -1 else (s.size,) + (1,) * (len(view.store.proto(
+        group.consumers[0].weight).dims) - 2)
+    scale = names.unique(f"{x}.{PREFIX}_restore_scale")
+    view.set_initializer(scale, s.reshape(shape).astype(activation_dtype(view, x)))
+    restored = names.unique(f"{x}.{PREFIX}_restored")
+    mul = helper.make_node("Mul", [x, scale], [restored], name=names.unique(f"{PREFIX}_restore::{x}"))
+    first = min(list(view.graph.node).index(n) for n in group.compensate)
+    view.graph.node.insert(first, mul)
+    for node in group.compensate:
+        for i, name in enumerate(node.input):
+            if name == x:
+                node.input[i] = restored
+    view.rebuild()
 
 
 def _drop_unused_initializers(view: GraphView) -> None:

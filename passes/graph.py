@@ -110,6 +110,14 @@ class GraphView:
         self.store.refresh(self.graph)
 
 
+def activation_dtype(view: GraphView, tensor: str) -> np.dtype:
+    """The element type of ``tensor`` if the graph declares it (value_info, inputs, outputs); else float32."""
+    for vi in list(view.graph.value_info) + list(view.graph.input) + list(view.graph.output):
+        if vi.name == tensor and vi.type.tensor_type.elem_type:
+            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+    return np.dtype(np.float32)
+
+
 def attribute(node: onnx.NodeProto, name: str, default=None):
     for attr in node.attribute:
         if attr.name == name:

@@ -13,8 +13,10 @@ A fold site rewrites the producer of X so it emits ``X / s`` directly:
 * **mul** (:class:`InsertedMul`): no constant can absorb it; one explicit
   ``Mul(X, 1/s)`` is placed before the group's linear ops (reported as unfolded).
 
-Every site requires that the tensors it rescales are read only by the group, so no
-other consumer sees a changed value. Constants shared with other nodes are cloned.
+Intermediate tensors a site rescales must be read only by the site's own nodes, and
+constants shared with other nodes are cloned. If X itself has readers outside the group
+(the residual branch of a post-LN transformer), they are given ``Mul(X / s, s) = X``:
+an elementwise op off the GEMM path, which runtimes fuse with the residual Add.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from passes.graph import GraphView, attribute
+from passes.graph import GraphView, activation_dtype, attribute
 from passes.linear import LinearOp
 from passes.naming import NameFactory
 
@@ -160,11 +162,8 @@ class InsertedMul:
 
     def apply(self, ctx: FoldContext, inv_s: np.ndarray) -> None:
         view = ctx.view
-        dtype = np.float32
+        dtype = activation_dtype(view, self.activation)
         shape = (inv_s.size,) if self.channel_axis == -1 else (inv_s.size,) + (1,) * (self.rank - 2)
-        for vi in list(view.graph.value_info) + list(view.graph.input) + list(view.graph.output):
-            if vi.name == self.activation and vi.type.tensor_type.elem_type:
-                dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
         scale_name = ctx.names.smoothing_scale(self.activation)
         view.set_initializer(scale_name, inv_s.reshape(shape).astype(dtype))
         smoothed = ctx.names.smoothed_tensor(self.activation)
@@ -208,17 +207,17 @@ def _describe_norm(view: GraphView, tensor: str) -> str:
     return "per-channel affine"
 
 
-def find_fold_site(view: GraphView, activation: str, group: list[LinearOp], linear_by_output: dict[str, LinearOp],
+def find_fold_site(view: GraphView, activation: str, linear_by_output: dict[str, LinearOp],
                    channels: int, channel_axis: int, rank: int | None) -> FoldSite | str:
-    """The site that can absorb ``1/s`` for ``activation``, or the reason there is none."""
-    group_nodes = [op.node for op in group]
+    """The site that can absorb ``1/s`` for ``activation``, or the reason there is none.
+
+    Readers of ``activation`` outside the group are not checked here: the fold pass gives
+    them ``Mul(X / s, s)`` (see :func:`passes.fold.fold_smoothing`).
+    """
     if activation in view.graph_inputs:
         return f"{activation!r} is a graph input"
-    if not view.exclusive(activation, group_nodes):
-        if activation in view.graph_outputs:
-            return f"{activation!r} is also a graph output"
-        other = next(c for c in view.consumers[activation] if all(c is not n for n in group_nodes))
-        return f"{activation!r} is also read by {view.node_label(other)}"
+    if activation in view.graph_outputs:
+        return f"{activation!r} is also a graph output"
     node = view.producer.get(activation)
     if node is None:
         return f"{activation!r} has no producer"
@@ -230,8 +229,9 @@ def find_fold_site(view: GraphView, activation: str, group: list[LinearOp], line
             consts = [(node, 1)] + ([(node, 2)] if len(node.input) > 2 and node.input[2] else [])
             return AffineFold("LayerNormalization", tuple(consts), channel_axis, rank)
     if op == "BatchNormalization" and channel_axis == 1 and not attribute(node, "training_mode", 0):
-        if is_const(node.input[1]) and is_const(node.input[2]):
-            return AffineFold("BatchNormalization", ((node, 1), (node, 2)), channel_axis, rank)
+        # scale and B are plain [C] vectors indexed by the channel axis, not broadcast: check them as 1-D
+        if all(_const_channel(view, node.input[i], channels, -1, None) for i in (1, 2)):
+            return AffineFold("BatchNormalization", ((node, 1), (node, 2)), -1, None)
     if op == "Add":
         for beta_idx in (0, 1):
             other = node.input[1 - beta_idx]

@@ -34,6 +34,7 @@ class SmoothingGroup:
     channel_axis: int
     site: FoldSite | None
     skip_reason: str | None = None
+    compensate: tuple = ()  # readers of X outside the group: they get Mul(X / s, s)
 
     @property
     def consumer_names(self) -> list[str]:
@@ -73,14 +74,17 @@ def find_groups(view: GraphView, linear_ops: list[LinearOp], config: SmoothingCo
                                          "its linear consumers disagree on the channel axis or width"))
             continue
         axis, channels, rank = axes.pop(), widths.pop(), ranks.pop()
-        site = find_fold_site(view, activation, ops, linear_by_output, channels, axis, rank if axis == 1 else None)
+        site = find_fold_site(view, activation, linear_by_output, channels, axis, rank if axis == 1 else None)
+        group_ids = {id(op.node) for op in ops}
+        others = tuple(c for c in view.consumers.get(activation, []) if id(c) not in group_ids)
         if isinstance(site, str):
             if config.unfoldable is Unfoldable.MUL:
                 site = InsertedMul(f"explicit Mul ({site})", activation, axis, rank if axis == 1 else None)
             else:
                 groups.append(SmoothingGroup(activation, tuple(ops), channels, axis, None, site))
                 continue
-        groups.append(SmoothingGroup(activation, tuple(ops), channels, axis, site))
+        groups.append(SmoothingGroup(activation, tuple(ops), channels, axis, site,
+                                     compensate=() if isinstance(site, InsertedMul) else others))
     return groups
 
 
