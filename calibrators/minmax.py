@@ -12,10 +12,7 @@ of samples. The calibration graph is a temporary copy; the model is not changed.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +20,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper
-from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+from onnx.external_data_helper import uses_external_data
 from tqdm import tqdm
 
 from calibrators.data import CalibrationData, model_inputs
@@ -86,28 +83,20 @@ def build_calibration_graph(model: onnx.ModelProto, targets: Sequence[StatTarget
     return out, outputs
 
 
-@contextlib.contextmanager
 def inference_session(proto: onnx.ModelProto, base_dir: Path,
-                      providers: Sequence[str] = ("CPUExecutionProvider",)) -> Iterator[ort.InferenceSession]:
+                      providers: Sequence[str] = ("CPUExecutionProvider",)) -> ort.InferenceSession:
     """An ORT session over ``proto`` whose external data stays where it is on disk.
 
-    Small self-contained models go to ORT as bytes. Otherwise the proto is written to a
-    temporary folder holding links to the external data files, so nothing is copied.
+    The graph goes to ORT as bytes (it is small once tensors are external) and ORT reads
+    external tensors from ``base_dir``, so nothing is copied or written.
     """
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    external = sorted({ExternalDataInfo(t).location for t in proto.graph.initializer if uses_external_data(t)})
-    if not external and proto.ByteSize() < PROTOBUF_LIMIT:
-        yield ort.InferenceSession(proto.SerializeToString(), options, providers=list(providers))
-        return
-    with tempfile.TemporaryDirectory(prefix="sq-calib-") as tmp:
-        for location in external:
-            link = Path(tmp) / location
-            link.parent.mkdir(parents=True, exist_ok=True)
-            os.symlink((base_dir / location).resolve(), link)
-        path = Path(tmp) / "calibration.onnx"
-        path.write_bytes(proto.SerializeToString())
-        yield ort.InferenceSession(str(path), options, providers=list(providers))
+    if any(uses_external_data(t) for t in proto.graph.initializer):
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base_dir))
+    if proto.ByteSize() >= PROTOBUF_LIMIT:
+        raise SmoothQuantError("the calibration graph exceeds 2 GiB: store the model's weights as external data")
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=list(providers))
 
 
 def collect_channel_stats(model: LoadedModel, targets: Sequence[StatTarget], data: CalibrationData, *,
@@ -120,22 +109,22 @@ def collect_channel_stats(model: LoadedModel, targets: Sequence[StatTarget], dat
     calib, outputs = build_calibration_graph(model.proto, targets)
     fetch = [outputs[t.tensor] for t in targets]
     stats = ChannelStats()
-    with inference_session(calib, model.base_dir, providers) as session:
-        bar = tqdm(data.batches(), total=data.num_batches(), desc="calibrating", unit="batch",
-                   disable=not progress, leave=False)
-        for feed in bar:
-            try:
-                values = session.run(fetch, feed)
-            except Exception as e:  # ORT raises its own exception types
-                raise SmoothQuantError(f"{model.path}: ONNX Runtime failed on a calibration batch: {e}") from None
-            for target, value in zip(targets, values):
-                if value.shape != (target.channels,):
-                    raise SmoothQuantError(
-                        f"{model.path}: activation {target.tensor!r} gave {value.shape} channel statistics, "
-                        f"expected ({target.channels},)"
-                    )
-                stats.update(target.tensor, value, target.channel_axis)
-            stats.num_samples += len(next(iter(feed.values()))) if feed else 0
+    session = inference_session(calib, model.base_dir, providers)
+    bar = tqdm(data.batches(), total=data.num_batches(), desc="calibrating", unit="batch",
+               disable=not progress, leave=False)
+    for feed in bar:
+        try:
+            values = session.run(fetch, feed)
+        except Exception as e:  # ORT raises its own exception types
+            raise SmoothQuantError(f"{model.path}: ONNX Runtime failed on a calibration batch: {e}") from None
+        for target, value in zip(targets, values):
+            if value.shape != (target.channels,):
+                raise SmoothQuantError(
+                    f"{model.path}: activation {target.tensor!r} gave {value.shape} channel statistics, "
+                    f"expected ({target.channels},)"
+                )
+            stats.update(target.tensor, value, target.channel_axis)
+        stats.num_samples += len(next(iter(feed.values()))) if feed else 0
     if stats.num_samples == 0:
         raise SmoothQuantError(f"{data.description}: calibration set is empty (0 samples)")
     return stats

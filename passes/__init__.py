@@ -3,13 +3,31 @@
 Public API::
 
     from passes import smoothquant, SmoothQuantConfig, SmoothingConfig, CalibrationConfig
+
+Names load on first use, so submodules (and :mod:`calibrators`) import without cycles.
 """
 
-from passes.config import (CalibrationConfig, Precision, QuantizationConfig, SmoothingConfig, SmoothQuantConfig,
-                           Unfoldable)
-from passes.errors import SmoothQuantError
-from passes.fold import SmoothingReport
-from passes.pipeline import SmoothQuantResult, smoothquant
+from __future__ import annotations
 
-__all__ = ["CalibrationConfig", "Precision", "QuantizationConfig", "SmoothingConfig", "SmoothQuantConfig",
-           "SmoothQuantError", "SmoothQuantResult", "SmoothingReport", "Unfoldable", "smoothquant"]
+import importlib
+
+_EXPORTS = {
+    "CalibrationConfig": "passes.config",
+    "Precision": "passes.config",
+    "QuantizationConfig": "passes.config",
+    "SmoothingConfig": "passes.config",
+    "SmoothQuantConfig": "passes.config",
+    "Unfoldable": "passes.config",
+    "SmoothQuantError": "passes.errors",
+    "SmoothingReport": "passes.fold",
+    "SmoothQuantResult": "passes.pipeline",
+    "smoothquant": "passes.pipeline",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'passes' has no attribute {name!r}")

@@ -62,7 +62,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     if not proto.graph.node:
         raise SmoothQuantError(f"{path}: not a valid ONNX model (the graph has no nodes; is the file truncated?)")
     try:
-        onnx.checker.check_model(proto)
+        onnx.checker.check_model(str(path))  # by path: external data is checked in place, not loaded
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0]
         raise SmoothQuantError(f"{path}: ONNX checker rejected the model: {first}") from None

@@ -1,0 +1,112 @@
+"""The in-graph calibrator against a NumPy reference computed from whole activations."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from calibrators import CalibrationData, ChannelStats, collect_channel_stats
+from conftest import rel_err, run, text_like_feeds
+from passes import SmoothQuantConfig, smoothquant
+from passes.graph import GraphView
+from passes.linear import find_linear_ops
+from passes.onnx_io import TensorStore, load_model, save_model
+from passes.smooth import stat_targets
+
+
+def targets_of(path):
+    loaded = load_model(path)
+    view = GraphView(loaded.proto.graph, TensorStore(loaded))
+    return loaded, stat_targets(view, find_linear_ops(view)[0])
+
+
+def reference_amax(path, targets, feeds):
+    """Fetch every target activation whole and reduce it in NumPy."""
+    model = onnx.load(str(path))
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t.tensor) for t in targets)
+    outs = run(model, feeds)[-len(targets):]
+    ref = {}
+    for t, x in zip(targets, outs):
+        axes = tuple(a for a in range(x.ndim) if a != (x.ndim - 1 if t.channel_axis == -1 else 1))
+        ref[t.tensor] = np.abs(x).max(axis=axes)
+    return ref
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_bert"])
+def test_matches_numpy_reference(demo_dir, name):
+    path = demo_dir / f"{name}.onnx"
+    loaded, targets = targets_of(path)
+    assert len(targets) == (9 if name == "tiny_llama" else 8)  # distinct linear inputs
+    feeds = text_like_feeds(name, 5, samples=6)
+    stats = collect_channel_stats(loaded, targets, CalibrationData([feeds]), progress=False)
+    ref = reference_amax(path, targets, feeds)
+    for t in targets:
+        np.testing.assert_allclose(stats.amax[t.tensor], ref[t.tensor], rtol=1e-6)
+    assert stats.num_samples == 6
+
+
+def test_conv_channel_axis(tmp_path):
+    rng = np.random.default_rng(0)
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N, 3, 9, 9] x) => (float[N, 5, 7, 7] y) {
+            h = Relu (x)
+            y = Conv <kernel_shape = [3, 3]> (h, w)
+        }""")
+    model.graph.initializer.append(onnx.numpy_helper.from_array(rng.standard_normal((5, 3, 3, 3)).astype(np.float32), "w"))
+    path = tmp_path / "conv.onnx"
+    onnx.save(model, str(path))  # opset 13: ReduceMax takes axes as an attribute
+    loaded, targets = targets_of(path)
+    x = rng.standard_normal((4, 3, 9, 9)).astype(np.float32) * np.array([1, 10, 100], np.float32)[:, None, None]
+    stats = collect_channel_stats(loaded, targets, CalibrationData([{"x": x}]), progress=False)
+    np.testing.assert_allclose(stats.amax["h"], np.maximum(x, 0).max(axis=(0, 2, 3)), rtol=1e-6)
+
+
+def test_batch_size_shards_and_merge_agree(demo_dir, tmp_path):
+    path = demo_dir / "tiny_llama.onnx"
+    loaded, targets = targets_of(path)
+    calib = demo_dir / "tiny_llama.calib.npz"
+    one = collect_channel_stats(loaded, targets, CalibrationData(calib, batch_size=64), progress=False)
+    small = collect_channel_stats(loaded, targets, CalibrationData(calib, batch_size=5), progress=False)
+    ids = np.load(calib)["input_ids"]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    np.savez(shards / "a.npz", input_ids=ids[:20])
+    np.savez(shards / "b.npz", input_ids=ids[20:])
+    folder = collect_channel_stats(loaded, targets, CalibrationData(shards), progress=False)
+    a = collect_channel_stats(loaded, targets, CalibrationData(shards / "a.npz"), progress=False)
+    b = collect_channel_stats(loaded, targets, CalibrationData(shards / "b.npz"), progress=False)
+    a.save(tmp_path / "a.stats.npz")
+    b.save(tmp_path / "b.stats.npz")
+    merged = ChannelStats.merge_files([tmp_path / "a.stats.npz", tmp_path / "b.stats.npz"])
+    for s in (small, folder, merged):
+        assert s.num_samples == 64
+        for k in one.amax:
+            np.testing.assert_allclose(s.amax[k], one.amax[k], rtol=1e-6)
+
+
+def test_stats_reuse_gives_identical_model(demo_dir, tmp_path):
+    path = demo_dir / "tiny_llama.onnx"
+    cfg = SmoothQuantConfig(quantization=None)
+    first = smoothquant(path, tmp_path / "a.onnx", stats_out=tmp_path / "s.npz", config=cfg)
+    again = smoothquant(path, tmp_path / "b.onnx", stats=[tmp_path / "s.npz"], config=cfg)
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    assert first.stats.num_samples == again.stats.num_samples == 64
+
+
+def test_external_data_model(demo_dir, tmp_path):
+    """A model with external data: loaded lazily, calibrated in place, written with external data."""
+    src = demo_dir / "tiny_llama.onnx"
+    ext = tmp_path / "ext" / "model.onnx"
+    written = save_model(onnx.load(str(src)), ext, None, external_data=True)
+    assert [p.name for p in written] == ["model.onnx", "model.onnx.data"]
+    loaded = load_model(ext)
+    big = [t for t in loaded.proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(big) >= 10 and all(not t.raw_data for t in big)  # nothing loaded yet
+    np.savez(tmp_path / "ext" / "model.calib.npz", **text_like_feeds("tiny_llama", 3, samples=8))
+    result = smoothquant(ext, tmp_path / "out" / "sq.onnx", config=SmoothQuantConfig(quantization=None))
+    assert [p.name for p in result.written] == ["sq.onnx", "sq.onnx.data"]
+    feeds = text_like_feeds("tiny_llama", 4)
+    assert rel_err(run(src, feeds), run(result.written[0], feeds)) < 1e-5
+    assert rel_err(run(src, feeds), run(ext, feeds)) == 0.0
