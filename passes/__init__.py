@@ -2,7 +2,7 @@
 
 Public API::
 
-    from passes import smoothquant, SmoothQuantConfig, SmoothingConfig, CalibrationConfig
+    from passes import run_smoothquant, SmoothQuantConfig, SmoothingConfig, CalibrationConfig
 
 Names load on first use, so submodules (and :mod:`calibrators`) import without cycles.
 """
@@ -21,7 +21,7 @@ _EXPORTS = {
     "SmoothQuantError": "passes.errors",
     "SmoothingReport": "passes.fold",
     "SmoothQuantResult": "passes.pipeline",
-    "smoothquant": "passes.pipeline",
+    "run_smoothquant": "passes.pipeline",
 }
 
 __all__ = sorted(_EXPORTS)

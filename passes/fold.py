@@ -90,7 +90,7 @@ def fold_smoothing(view: GraphView, planned: list[PlannedGroup], skipped: list[S
                                          (float(np.min(s)), float(np.max(s)))))
     for group in skipped:
         report.groups.append(GroupResult(group.activation, tuple(group.consumer_names), None, group.skip_reason))
-    _drop_unused_initializers(view)
+    view.drop_unused_initializers()
     return report
 
 
@@ -110,13 +110,3 @@ def _compensate(view: GraphView, names: NameFactory, group: SmoothingGroup, s: n
             if name == x:
                 node.input[i] = restored
     view.rebuild()
-
-
-def _drop_unused_initializers(view: GraphView) -> None:
-    """Remove initializers that cloning left unread (and Identity nodes reading only them)."""
-    used = {i for n in view.graph.node for i in n.input} | view.graph_outputs
-    keep = [t for t in view.graph.initializer if t.name in used]
-    if len(keep) != len(view.graph.initializer):
-        del view.graph.initializer[:]
-        view.graph.initializer.extend(keep)
-        view.rebuild()

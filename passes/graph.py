@@ -54,6 +54,15 @@ class GraphView:
         ids = {id(n) for n in users}
         return all(id(c) in ids for c in self.consumers.get(tensor, []))
 
+    def drop_unused_initializers(self) -> None:
+        """Remove initializers no node reads (left by cloning or quantizing); overridable inputs stay."""
+        used = {i for n in self.graph.node for i in n.input} | self.graph_outputs | self.graph_inputs
+        keep = [t for t in self.graph.initializer if t.name in used]
+        if len(keep) != len(self.graph.initializer):
+            del self.graph.initializer[:]
+            self.graph.initializer.extend(keep)
+            self.rebuild()
+
     # Constants -----------------------------------------------------------------------
 
     def constant_source(self, tensor: str) -> str | None:
@@ -99,7 +108,8 @@ class GraphView:
 
     def set_initializer(self, name: str, value: np.ndarray) -> None:
         """Replace (or add) initializer ``name`` with ``value``, stored inline."""
-        new = numpy_helper.from_array(np.ascontiguousarray(value), name)
+        value = np.asarray(value)
+        new = numpy_helper.from_array(value if value.flags.c_contiguous else value.copy(order="C"), name)
         for i, t in enumerate(self.graph.initializer):
             if t.name == name:
                 self.graph.initializer[i].CopyFrom(new)

@@ -1,7 +1,7 @@
 """The whole run: load, calibrate, smooth, fold, quantize, save. The CLI is a thin wrapper.
 
->>> from passes import smoothquant, SmoothQuantConfig, SmoothingConfig
->>> result = smoothquant("model.onnx", calib="model.calib.npz",
+>>> from passes import run_smoothquant, SmoothQuantConfig, SmoothingConfig
+>>> result = run_smoothquant("model.onnx", calib="model.calib.npz",
 ...                      config=SmoothQuantConfig(SmoothingConfig(alpha=0.8)))  # doctest: +SKIP
 >>> print(result.report.summary())  # doctest: +SKIP
 """
@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from calibrators.data import CalibrationData, Feed
@@ -22,10 +23,11 @@ from calibrators.stats import ChannelStats
 from passes.config import SmoothQuantConfig
 from passes.errors import SmoothQuantError
 from passes.fold import SmoothingReport, fold_smoothing
-from passes.graph import GraphView
+from passes.graph import GraphView, opset_version
 from passes.linear import find_linear_ops
 from passes.onnx_io import LoadedModel, TensorStore, load_model, save_model
-from passes.smooth import find_groups, plan_smoothing, stat_targets
+from passes.qdq import QuantReport, quantize_linear_ops
+from passes.smooth import PlannedGroup, SmoothingGroup, find_groups, plan_smoothing, stat_targets
 
 CalibSource = str | os.PathLike | Iterable[Feed]
 
@@ -35,6 +37,7 @@ class SmoothQuantResult:
     model: onnx.ModelProto  # the output graph (tensors that were external stay external)
     report: SmoothingReport
     stats: ChannelStats
+    quant_report: QuantReport | None = None  # None: smooth only
     written: list[Path] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
 
@@ -53,7 +56,7 @@ def default_calibration_path(model_path: str | os.PathLike) -> Path | None:
     return None
 
 
-def smoothquant(model: str | os.PathLike, output: str | os.PathLike | None = None, *,
+def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None = None, *,
                 calib: CalibSource | None = None, stats: ChannelStats | Sequence[str | os.PathLike] | None = None,
                 stats_out: str | os.PathLike | None = None, config: SmoothQuantConfig = SmoothQuantConfig(),
                 write: bool = True) -> SmoothQuantResult:
@@ -88,12 +91,30 @@ def smoothquant(model: str | os.PathLike, output: str | os.PathLike | None = Non
     if linear_ops and not report.smoothed:
         messages.append(f"{loaded.path}: no smoothable pattern (norm or linear producer feeding linear ops); "
                         f"the model is written unchanged")
+    quant_report = None
     if not smooth_only:
-        raise SmoothQuantError("quantization is not available yet: pass --smooth-only (API: quantization=None)")
-    result = SmoothQuantResult(loaded.proto, report, channel_stats, messages=messages)
+        amax = tensor_amax_after_smoothing(groups, planned, channel_stats)
+        quant_report = quantize_linear_ops(view, linear_ops, amax, opset_version(loaded.proto))
+    result = SmoothQuantResult(loaded.proto, report, channel_stats, quant_report, messages=messages)
     if write:
         result.written = save_model(loaded.proto, out_path, loaded.base_dir)
     return result
+
+
+def tensor_amax_after_smoothing(groups: list[SmoothingGroup], planned: list[PlannedGroup],
+                                stats: ChannelStats) -> dict[str, float]:
+    """Per-tensor max|X'| of each linear op's (current) input: ``max_j(amax_j / s_j)`` where smoothed."""
+    scales = {p.group.activation: p.scales for p in planned}
+    amax = {}
+    for group in groups:
+        channels = stats.amax.get(group.activation)
+        if channels is None:
+            continue
+        s = scales.get(group.activation)
+        value = float(np.max(channels / s)) if s is not None else float(np.max(channels))
+        for op in group.consumers:
+            amax[op.node.input[0]] = value
+    return amax
 
 
 def _get_stats(loaded: LoadedModel, view: GraphView, linear_ops, calib: CalibSource | None,

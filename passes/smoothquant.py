@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from passes.config import CalibrationConfig, QuantizationConfig, SmoothingConfig, SmoothQuantConfig, Unfoldable
 from passes.errors import SmoothQuantError
-from passes.pipeline import smoothquant
+from passes.pipeline import run_smoothquant
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
         if args.stats and args.calib:
             raise SmoothQuantError("pass either --calib (calibrate now) or --stats (reuse statistics), not both")
-        result = smoothquant(args.model, args.output, calib=args.calib, stats=args.stats,
+        result = run_smoothquant(args.model, args.output, calib=args.calib, stats=args.stats,
                              stats_out=args.stats_out, config=config)
     except SmoothQuantError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -57,8 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     for message in result.messages:
         print(f"note: {message}", file=sys.stderr)
-    summary = result.report.summary()
-    print(summary if not args.quiet else summary.splitlines()[0])
+    summaries = [result.report.summary()] + ([result.quant_report.summary()] if result.quant_report else [])
+    for summary in summaries:
+        print(summary if not args.quiet else summary.splitlines()[0])
     print(f"wrote {', '.join(str(p) for p in result.written)}")
     return 0
 

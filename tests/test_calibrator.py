@@ -8,7 +8,7 @@ import pytest
 
 from calibrators import CalibrationData, ChannelStats, collect_channel_stats
 from conftest import rel_err, run, text_like_feeds
-from passes import SmoothQuantConfig, smoothquant
+from passes import SmoothQuantConfig, run_smoothquant
 from passes.graph import GraphView
 from passes.linear import find_linear_ops
 from passes.onnx_io import TensorStore, load_model, save_model
@@ -89,8 +89,8 @@ def test_batch_size_shards_and_merge_agree(demo_dir, tmp_path):
 def test_stats_reuse_gives_identical_model(demo_dir, tmp_path):
     path = demo_dir / "tiny_llama.onnx"
     cfg = SmoothQuantConfig(quantization=None)
-    first = smoothquant(path, tmp_path / "a.onnx", stats_out=tmp_path / "s.npz", config=cfg)
-    again = smoothquant(path, tmp_path / "b.onnx", stats=[tmp_path / "s.npz"], config=cfg)
+    first = run_smoothquant(path, tmp_path / "a.onnx", stats_out=tmp_path / "s.npz", config=cfg)
+    again = run_smoothquant(path, tmp_path / "b.onnx", stats=[tmp_path / "s.npz"], config=cfg)
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     assert first.stats.num_samples == again.stats.num_samples == 64
 
@@ -105,7 +105,7 @@ def test_external_data_model(demo_dir, tmp_path):
     big = [t for t in loaded.proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert len(big) >= 10 and all(not t.raw_data for t in big)  # nothing loaded yet
     np.savez(tmp_path / "ext" / "model.calib.npz", **text_like_feeds("tiny_llama", 3, samples=8))
-    result = smoothquant(ext, tmp_path / "out" / "sq.onnx", config=SmoothQuantConfig(quantization=None))
+    result = run_smoothquant(ext, tmp_path / "out" / "sq.onnx", config=SmoothQuantConfig(quantization=None))
     assert [p.name for p in result.written] == ["sq.onnx", "sq.onnx.data"]
     feeds = text_like_feeds("tiny_llama", 4)
     assert rel_err(run(src, feeds), run(result.written[0], feeds)) < 1e-5

@@ -8,7 +8,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from conftest import initializer_arrays, rel_err, run, random_feeds, text_like_feeds
-from passes import SmoothingConfig, SmoothQuantConfig, Unfoldable, smoothquant
+from passes import SmoothingConfig, SmoothQuantConfig, Unfoldable, run_smoothquant
 from passes.patterns import FoldKind
 
 TOL = 1e-5
@@ -17,7 +17,7 @@ SMOOTH_ONLY = SmoothQuantConfig(quantization=None)
 
 def smooth(path, calib=None, alpha=0.5, unfoldable=Unfoldable.SKIP, output=None):
     config = SmoothQuantConfig(SmoothingConfig(alpha=alpha, unfoldable=unfoldable), quantization=None)
-    return smoothquant(path, output, calib=calib, config=config)
+    return run_smoothquant(path, output, calib=calib, config=config)
 
 
 def kinds(result) -> list:
