@@ -134,3 +134,21 @@ def test_no_smoothable_pattern_writes_unchanged_copy(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "nothing to smooth" in r.stderr
     assert onnx.load(str(tmp_path / "relu.smooth.onnx")).graph == model.graph
+
+
+def test_missing_and_truncated_external_data(demo_dir, tmp_path):
+    import onnx
+
+    from passes.onnx_io import save_model
+
+    folder = tmp_path / "ext"
+    save_model(onnx.load(str(demo_dir / "tiny_llama.onnx")), folder / "model.onnx", None, external_data=True)
+    data = folder / "model.onnx.data"
+    raw = data.read_bytes()
+    data.write_bytes(raw[: len(raw) // 2])
+    r = cli(folder / "model.onnx", "--smooth-only", "--calib", demo_dir / "tiny_llama.calib.npz")
+    assert r.returncode == 1 and "model.onnx" in r.stderr and ("truncated" in r.stderr or "data" in r.stderr), r.stderr
+    data.unlink()
+    r = cli(folder / "model.onnx", "--smooth-only", "--calib", demo_dir / "tiny_llama.calib.npz")
+    assert r.returncode == 1 and "model.onnx.data" in r.stderr, r.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["model.onnx"]
