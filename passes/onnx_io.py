@@ -44,16 +44,14 @@ class LoadedModel:
     def base_dir(self) -> Path:
         return self.path.parent
 
-    @property
-    def uses_external_data(self) -> bool:
-        return any(uses_external_data(t) for t in self.proto.graph.initializer)
-
 
 def load_model(path: str | os.PathLike) -> LoadedModel:
     """Parse ``path`` without external data, and check that it is a usable ONNX model."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise SmoothQuantError(f"{path}: no such file")
+    if not path.is_file():
+        raise SmoothQuantError(f"{path}: not a regular file")
     try:
         with path.open("rb") as f:
             proto = onnx.load_model(f, load_external_data=False)
@@ -196,7 +194,7 @@ def save_model(proto: onnx.ModelProto, path: str | os.PathLike, source_dir: Path
             for t in proto.graph.initializer:
                 new = out.graph.initializer.add()
                 new.CopyFrom(t)
-                raw = tensor_bytes(t, source_dir) if source_dir is not None else tensor_bytes(t, Path("."))
+                raw = tensor_bytes(t, source_dir or Path("."))
                 if len(raw) < INLINE_TENSOR_BYTES:
                     del new.external_data[:]
                     new.data_location = onnx.TensorProto.DEFAULT

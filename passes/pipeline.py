@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,8 +73,8 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
         raise SmoothQuantError(f"{out_path}: the output would overwrite the input model")
 
     view = GraphView(loaded.proto.graph, TensorStore(loaded))
-    linear_ops, _ = find_linear_ops(view)
-    messages = []
+    linear_ops, passed_over = find_linear_ops(view)
+    messages = [f"{view.node_label(node)} is left as it is: {reason}" for node, reason in passed_over]
     groups = find_groups(view, linear_ops, config.smoothing)
     needs_stats = any(g.site is not None for g in groups) or not smooth_only
 
@@ -130,7 +129,3 @@ def _get_stats(loaded: LoadedModel, view: GraphView, linear_ops, calib: CalibSou
             )
     data = CalibrationData(calib, config.calibration.batch_size)
     return collect_channel_stats(loaded, stat_targets(view, linear_ops), data, progress=config.calibration.progress)
-
-
-def eprint(*args) -> None:
-    print(*args, file=sys.stderr)
