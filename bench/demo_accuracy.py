@@ -1,6 +1,6 @@
-"""INT8 accuracy of the demo models against FP32 on held-out inputs, for several alphas.
+"""W8A8 (INT8 / FP8) accuracy of the demo models against FP32 on held-out inputs, for several alphas.
 
-    python -m bench.demo_accuracy [--alphas 0 0.5 0.8] [--json OUT.json]
+    python -m bench.demo_accuracy [--alphas 0 0.5 0.8] [--precisions int8 fp8] [--json OUT.json]
 
 Metrics per model: mean and min row cosine of the outputs vs FP32, and for the decoder
 top-1 agreement of next-token logits. alpha=0 is W8A8 without smoothing.
@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from passes import CalibrationConfig, SmoothingConfig, SmoothQuantConfig, run_smoothquant
+from passes import (CalibrationConfig, Precision, QuantizationConfig, SmoothingConfig, SmoothQuantConfig,
+                    run_smoothquant)
 
 DEMO = Path(__file__).resolve().parent.parent / ".cache" / "bench-demo"
 
@@ -38,6 +39,7 @@ def compare(ref: np.ndarray, got: np.ndarray) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.5, 0.8])
+    p.add_argument("--precisions", nargs="+", default=["int8", "fp8"], choices=[x.value for x in Precision])
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
     names = ("tiny_llama", "tiny_bert")
@@ -50,15 +52,17 @@ def main(argv=None) -> int:
         for name in names:
             feeds = dict(np.load(DEMO / f"{name}.eval.npz"))
             ref = outputs(DEMO / f"{name}.onnx", feeds)
-            for alpha in args.alphas:
-                config = SmoothQuantConfig(SmoothingConfig(alpha=alpha), CalibrationConfig(progress=False))
-                out = run_smoothquant(DEMO / f"{name}.onnx", Path(tmp) / f"{name}_{alpha}.onnx", config=config)
-                row = {"model": name, "alpha": alpha, **compare(ref, outputs(out.written[0], feeds))}
-                rows.append(row)
-    print(f"{'model':<11} {'alpha':>5} {'cos mean':>9} {'cos min':>8} {'top-1':>6}")
+            for precision in map(Precision, args.precisions):
+                for alpha in args.alphas:
+                    config = SmoothQuantConfig(SmoothingConfig(alpha=alpha), CalibrationConfig(progress=False),
+                                               QuantizationConfig(precision))
+                    out = run_smoothquant(DEMO / f"{name}.onnx", Path(tmp) / f"{name}_{alpha}.onnx", config=config)
+                    rows.append({"model": name, "precision": precision.value, "alpha": alpha,
+                                 **compare(ref, outputs(out.written[0], feeds))})
+    print(f"{'model':<11} {'prec':>5} {'alpha':>5} {'cos mean':>9} {'cos min':>8} {'top-1':>6}")
     for r in rows:
         top1 = f"{r['top1']:.3f}" if r["model"] == "tiny_llama" else "-"
-        print(f"{r['model']:<11} {r['alpha']:>5} {r['cos_mean']:>9.5f} {r['cos_min']:>8.4f} {top1:>6}")
+        print(f"{r['model']:<11} {r['precision']:>5} {r['alpha']:>5} {r['cos_mean']:>9.5f} {r['cos_min']:>8.4f} {top1:>6}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0

@@ -16,7 +16,8 @@ class Unfoldable(enum.Enum):
 
 
 class Precision(enum.Enum):
-    INT8 = "int8"
+    INT8 = "int8"  # symmetric, [-127, 127]
+    FP8 = "fp8"  # E4M3FN, saturating, opset >= 19
 
 
 @dataclass(frozen=True)

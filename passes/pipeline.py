@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.version_converter
 
 from calibrators.data import CalibrationData, Feed
-from calibrators.minmax import collect_channel_stats
+from calibrators.minmax import collect_channel_stats, inference_session
 from calibrators.stats import ChannelStats
 from passes.config import SmoothQuantConfig
 from passes.errors import SmoothQuantError
@@ -25,7 +26,7 @@ from passes.fold import SmoothingReport, fold_smoothing
 from passes.graph import GraphView, opset_version
 from passes.linear import find_linear_ops
 from passes.onnx_io import LoadedModel, TensorStore, load_model, save_model
-from passes.qdq import QuantReport, quantize_linear_ops
+from passes.qdq import FORMATS, QuantReport, quantize_linear_ops
 from passes.smooth import PlannedGroup, SmoothingGroup, find_groups, plan_smoothing, stat_targets
 
 CalibSource = str | os.PathLike | Iterable[Feed]
@@ -72,9 +73,16 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
     if write and out_path.resolve() == loaded.path.resolve():
         raise SmoothQuantError(f"{out_path}: the output would overwrite the input model")
 
+    messages = []
+    if config.quantization is not None:
+        need = FORMATS[config.quantization.precision].min_opset
+        if opset_version(loaded.proto) < need:
+            messages.append(f"converted from opset {opset_version(loaded.proto)} to {need} for "
+                            f"{config.quantization.precision.name}")
+            loaded = convert_opset(loaded, need)
     view = GraphView(loaded.proto.graph, TensorStore(loaded))
     linear_ops, passed_over = find_linear_ops(view)
-    messages = [f"{view.node_label(node)} is left as it is: {reason}" for node, reason in passed_over]
+    messages += [f"{view.node_label(node)} is left as it is: {reason}" for node, reason in passed_over]
     groups = find_groups(view, linear_ops, config.smoothing)
     needs_stats = any(g.site is not None for g in groups) or not smooth_only
 
@@ -93,11 +101,23 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
     quant_report = None
     if not smooth_only:
         amax = tensor_amax_after_smoothing(groups, planned, channel_stats)
-        quant_report = quantize_linear_ops(view, linear_ops, amax, opset_version(loaded.proto))
+        quant_report = quantize_linear_ops(view, linear_ops, amax, opset_version(loaded.proto),
+                                           config.quantization.precision)
     result = SmoothQuantResult(loaded.proto, report, channel_stats, quant_report, messages=messages)
     if write:
         result.written = save_model(loaded.proto, out_path, loaded.base_dir)
     return result
+
+
+def convert_opset(loaded: LoadedModel, opset: int) -> LoadedModel:
+    """The model at ``opset`` through onnx's version converter, checked by building an ORT session on it."""
+    try:
+        converted = onnx.version_converter.convert_version(loaded.proto, opset)
+        inference_session(converted, loaded.base_dir)
+    except Exception as e:  # the converter and ORT raise many types
+        raise SmoothQuantError(f"{loaded.path}: could not convert to opset {opset} ({type(e).__name__}: "
+                               f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    return LoadedModel(converted, loaded.path)
 
 
 def tensor_amax_after_smoothing(groups: list[SmoothingGroup], planned: list[PlannedGroup],

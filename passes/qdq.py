@@ -1,4 +1,4 @@
-"""Q/DQ placement pass: W8A8 INT8 with every scale on an outer GEMM dimension.
+"""Q/DQ placement pass: W8A8 (INT8 or FP8 E4M3FN) with every scale on an outer GEMM dimension.
 
 For each linear op ``Y = X W`` (MatMul/Gemm/Conv with a constant weight)::
 
@@ -6,7 +6,8 @@ For each linear op ``Y = X W`` (MatMul/Gemm/Conv with a constant weight)::
     W~ = DQ(W_q, w, 0, axis=out)             w_n = max_k |W'[k, n]| / 127, per output channel
                                              W_q = clip(round(W' / w), -127, 127) as int8
 
-so ``X~ W~ = a * w_n * (X_q W_q)``: the int32 accumulator is rescaled by a row scale
+(FP8: 448 instead of 127, values cast to E4M3FN with saturation, zero points FLOAT8E4M3FN;
+opset >= 19), so ``X~ W~ = a * w_n * (X_q W_q)``: the int32 accumulator is rescaled by a row scale
 (tokens) and a column scale (output channels) only, which GEMM epilogues support. Zero
 points are 0 (symmetric). After smoothing, ``max|X'| = max_j(max|X_j| / s_j)``, read off
 the calibrated per-channel statistics with no second calibration pass.
@@ -23,47 +24,79 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from passes.config import Precision
 from passes.errors import SmoothQuantError
 from passes.graph import GraphView, activation_dtype
 from passes.linear import LinearOp
 from passes.naming import NameFactory
 
 INT8_MAX = 127.0
+FP8_E4M3_MAX = 448.0
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """How values of one precision are stored: the largest magnitude and the cast."""
+
+    precision: Precision
+    qmax: float
+    min_opset: int
+
+    def dtype(self) -> np.dtype:
+        if self.precision is Precision.FP8:
+            import ml_dtypes  # noqa: PLC0415 - ships with onnx
+
+            return np.dtype(ml_dtypes.float8_e4m3fn)
+        return np.dtype(np.int8)
+
+    def cast(self, scaled: np.ndarray) -> np.ndarray:
+        """Values already divided by their scale -> stored type (INT8: round half to even, clip)."""
+        clipped = np.clip(scaled, -self.qmax, self.qmax)
+        if self.precision is Precision.INT8:
+            clipped = np.round(clipped)
+        return clipped.astype(self.dtype())
+
+
+FORMATS = {Precision.INT8: QuantFormat(Precision.INT8, INT8_MAX, 13),
+           Precision.FP8: QuantFormat(Precision.FP8, FP8_E4M3_MAX, 19)}
 
 
 @dataclass
 class QuantReport:
+    precision: Precision = Precision.INT8
     quantized: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def summary(self) -> str:
-        lines = [f"quantization: {len(self.quantized)} linear ops quantized (INT8 W8A8), {len(self.skipped)} kept in FP"]
+        lines = [f"quantization: {len(self.quantized)} linear ops quantized ({self.precision.name} W8A8), "
+                 f"{len(self.skipped)} kept in FP"]
         lines.extend(f"  kept FP  {name}: {reason}" for name, reason in self.skipped)
         return "\n".join(lines)
 
 
-def per_channel_weight_scale(weight: np.ndarray, out_axis: int) -> np.ndarray:
-    """Symmetric INT8 scale per output channel (shape ``[N]``); all-zero channels get 1."""
+def per_channel_weight_scale(weight: np.ndarray, out_axis: int, qmax: float = INT8_MAX) -> np.ndarray:
+    """Symmetric scale per output channel (shape ``[N]``); all-zero channels get 1."""
     axes = tuple(a for a in range(weight.ndim) if a != out_axis)
     amax = np.abs(weight.astype(np.float64)).max(axis=axes)
-    return np.where(amax > 0, amax / INT8_MAX, 1.0)
+    return np.where(amax > 0, amax / qmax, 1.0)
 
 
-def quantize_weight(weight: np.ndarray, scale: np.ndarray, out_axis: int) -> np.ndarray:
+def quantize_weight(weight: np.ndarray, scale: np.ndarray, out_axis: int,
+                    fmt: QuantFormat = FORMATS[Precision.INT8]) -> np.ndarray:
     shape = [1] * weight.ndim
     shape[out_axis] = scale.size
-    q = np.round(weight.astype(np.float64) / scale.reshape(shape))
-    return np.clip(q, -INT8_MAX, INT8_MAX).astype(np.int8)
+    return fmt.cast(weight.astype(np.float64) / scale.reshape(shape))
 
 
 def quantize_linear_ops(view: GraphView, linear_ops: list[LinearOp], activation_amax: dict[str, float],
-                        opset: int) -> QuantReport:
+                        opset: int, precision: Precision = Precision.INT8) -> QuantReport:
     """Insert Q/DQ for every op in ``linear_ops``; ``activation_amax`` is keyed by each op's current input."""
-    if opset < 13:
-        raise SmoothQuantError("per-channel QuantizeLinear/DequantizeLinear need opset >= 13; convert the model "
-                               "with onnx.version_converter first")
+    fmt = FORMATS[precision]
+    if opset < fmt.min_opset:
+        raise SmoothQuantError(f"{precision.name} QuantizeLinear/DequantizeLinear need opset >= {fmt.min_opset}, "
+                               f"the model has {opset}")
     names = NameFactory(view.all_names())
-    report = QuantReport()
+    report = QuantReport(precision)
     act_dq: dict[str, str] = {}
     weight_dq: dict[tuple[str, int], str] = {}
     new_nodes: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []  # (node to insert, insert before)
@@ -77,8 +110,8 @@ def quantize_linear_ops(view: GraphView, linear_ops: list[LinearOp], activation_
         if x not in act_dq:
             scale = names.scale(x)
             zero = names.zero_point(x)
-            view.set_initializer(scale, np.array(amax / INT8_MAX, dtype=dtype))
-            view.set_initializer(zero, np.array(0, dtype=np.int8))
+            view.set_initializer(scale, np.array(amax / fmt.qmax, dtype=dtype))
+            view.set_initializer(zero, np.zeros((), dtype=fmt.dtype()))
             q_out, dq_out = names.quantized(x), names.dequantized(x)
             new_nodes.append((helper.make_node("QuantizeLinear", [x, scale, zero], [q_out], name=names.q_node(x)), node))
             new_nodes.append((helper.make_node("DequantizeLinear", [q_out, scale, zero], [dq_out],
@@ -88,11 +121,11 @@ def quantize_linear_ops(view: GraphView, linear_ops: list[LinearOp], activation_
         key = (source, op.weight_out_axis)
         if key not in weight_dq:
             w = view.store.array(source)
-            w_scale = per_channel_weight_scale(w, op.weight_out_axis)
+            w_scale = per_channel_weight_scale(w, op.weight_out_axis, fmt.qmax)
             q_name, s_name, z_name = names.quantized(source), names.scale(source), names.zero_point(source)
-            view.set_initializer(q_name, quantize_weight(w, w_scale, op.weight_out_axis))
+            view.set_initializer(q_name, quantize_weight(w, w_scale, op.weight_out_axis, fmt))
             view.set_initializer(s_name, w_scale.astype(w.dtype))
-            view.set_initializer(z_name, np.zeros(w_scale.size, dtype=np.int8))
+            view.set_initializer(z_name, np.zeros(w_scale.size, dtype=fmt.dtype()))
             dq_out = names.dequantized(source)
             new_nodes.append((helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [dq_out],
                                                name=names.dq_node(source), axis=op.weight_out_axis), node))

@@ -9,7 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from passes.config import CalibrationConfig, QuantizationConfig, SmoothingConfig, SmoothQuantConfig, Unfoldable
+from passes.config import CalibrationConfig, Precision, QuantizationConfig, SmoothingConfig, SmoothQuantConfig, Unfoldable
 from passes.errors import SmoothQuantError
 from passes.pipeline import run_smoothquant
 
@@ -27,6 +27,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5, help="migration strength in [0, 1]")
     p.add_argument("--unfoldable", choices=[u.value for u in Unfoldable], default=Unfoldable.SKIP.value,
                    help="groups no constant can absorb: skip them, or insert one explicit Mul")
+    p.add_argument("--precision", choices=[x.value for x in Precision], default=Precision.INT8.value,
+                   help="W8A8 format: int8 (symmetric) or fp8 (E4M3FN; raises the opset to 19)")
     p.add_argument("--smooth-only", action="store_true", help="write the smoothed and folded FP model, no Q/DQ")
     p.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or per-group summary")
@@ -37,7 +39,7 @@ def config_from_args(args: argparse.Namespace) -> SmoothQuantConfig:
     return SmoothQuantConfig(
         smoothing=SmoothingConfig(alpha=args.alpha, unfoldable=Unfoldable(args.unfoldable)),
         calibration=CalibrationConfig(batch_size=args.batch_size, progress=not args.quiet),
-        quantization=None if args.smooth_only else QuantizationConfig(),
+        quantization=None if args.smooth_only else QuantizationConfig(Precision(args.precision)),
     )
 
 

@@ -97,3 +97,26 @@ def test_deterministic_bytes(demo_dir, tmp_path):
     a = quantize(demo_dir / "tiny_llama.onnx", tmp_path / "a.onnx").written[0]
     b = quantize(demo_dir / "tiny_llama.onnx", tmp_path / "b.onnx").written[0]
     assert a.read_bytes() == b.read_bytes()
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_bert_legacy"])
+def test_fp8_structure_and_opset_conversion(demo_dir, tmp_path, name):
+    from passes import CalibrationConfig, Precision, QuantizationConfig
+
+    config = SmoothQuantConfig(calibration=CalibrationConfig(progress=False),
+                               quantization=QuantizationConfig(Precision.FP8))
+    calib = demo_dir / f"{name}.calib.npz"
+    result = run_smoothquant(demo_dir / f"{name}.onnx", tmp_path / "f.onnx", calib=calib, config=config)
+    assert any("to 19 for FP8" in m for m in result.messages)
+    model = onnx.load(str(tmp_path / "f.onnx"))
+    assert model.opset_import[0].version == 19
+    f8 = onnx.TensorProto.FLOAT8E4M3FN
+    by_name = {t.name: t for t in model.graph.initializer}
+    qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq and all(by_name[n.input[2]].data_type == f8 for n in qdq)  # zero points
+    weights = [by_name[n.input[0]] for n in qdq if n.op_type == "DequantizeLinear" and n.input[0] in by_name]
+    assert len(weights) == len(result.quant_report.quantized) and all(w.data_type == f8 for w in weights)
+    feeds = held_out(demo_dir, name.removesuffix("_legacy"))
+    cos = row_cosine(run(demo_dir / f"{name}.onnx", feeds)[0], run(tmp_path / "f.onnx", feeds)[0])
+    # measured: tiny_llama 0.936, tiny_bert 0.9999
+    assert cos.mean() > (0.93 if name == "tiny_llama" else 0.9995), cos.mean()
