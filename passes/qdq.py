@@ -107,6 +107,9 @@ def quantize_linear_ops(view: GraphView, linear_ops: list[LinearOp], activation_
             report.skipped.append((op.name, f"activation {x!r} has range {amax} (zero, non-finite or uncalibrated)"))
             continue
         dtype = activation_dtype(view, x)
+        if dtype != np.float32 and opset < 19:
+            raise SmoothQuantError(f"activation {x!r} (read by {op.name!r}) is {dtype}: QuantizeLinear takes it only "
+                                   f"from opset 19, the model has {opset} (use --precision fp8, or convert the model)")
         if x not in act_dq:
             scale = names.scale(x)
             zero = names.zero_point(x)
