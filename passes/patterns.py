@@ -113,8 +113,8 @@ class FoldContext:
             new = value.astype(np.float64) * factor.reshape(shape)
         else:
             shape = channel_shape(value.shape, factor.size, channel_axis, rank)
-            new = (value.astype(np.float64) * factor.reshape(shape)) if value.size != 1 else \
-                value.reshape(()).astype(np.float64) * factor.reshape(shape)
+            base = value.reshape(()) if value.size == 1 else value  # a scalar becomes per-channel
+            new = base.astype(np.float64) * factor.reshape(shape)
         self.view.set_initializer(name, new.astype(value.dtype))
 
 
