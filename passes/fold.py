@@ -16,11 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from onnx import helper
-
-from passes.graph import GraphView, activation_dtype
-from passes.naming import PREFIX, NameFactory
-from passes.patterns import FoldContext, FoldKind
+from passes.graph import GraphView
+from passes.naming import NameFactory
+from passes.patterns import FoldContext, FoldKind, insert_channel_mul
 from passes.smooth import PlannedGroup, SmoothingGroup
 
 
@@ -97,16 +95,6 @@ def fold_smoothing(view: GraphView, planned: list[PlannedGroup], skipped: list[S
 def _compensate(view: GraphView, names: NameFactory, group: SmoothingGroup, s: np.ndarray) -> None:
     """Readers of X outside the group read ``Mul(X', s)``, which equals the old X."""
     x = group.activation
-    shape = (s.size,) if group.channel_axis == -1 else (s.size,) + (1,) * (len(view.store.proto(
-        group.consumers[0].weight).dims) - 2)
-    scale = names.unique(f"{x}.{PREFIX}_restore_scale")
-    view.set_initializer(scale, s.reshape(shape).astype(activation_dtype(view, x)))
-    restored = names.unique(f"{x}.{PREFIX}_restored")
-    mul = helper.make_node("Mul", [x, scale], [restored], name=names.unique(f"{PREFIX}_restore::{x}"))
-    first = min(list(view.graph.node).index(n) for n in group.compensate)
-    view.graph.node.insert(first, mul)
-    for node in group.compensate:
-        for i, name in enumerate(node.input):
-            if name == x:
-                node.input[i] = restored
-    view.rebuild()
+    rank = len(view.store.proto(group.consumers[0].weight).dims) if group.channel_axis == 1 else None
+    insert_channel_mul(view, x, s, group.channel_axis, rank, list(group.compensate),
+                       names.restore_scale(x), names.restored_tensor(x), names.restore_mul(x))

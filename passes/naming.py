@@ -45,6 +45,16 @@ class NameFactory:
     def smoothed_tensor(self, tensor: str) -> str:
         return self.unique(f"{tensor}.{PREFIX}_smoothed")
 
+    # Compensation for readers of a smoothed tensor outside its group.
+    def restore_scale(self, tensor: str) -> str:
+        return self.unique(f"{tensor}.{PREFIX}_restore_scale")
+
+    def restored_tensor(self, tensor: str) -> str:
+        return self.unique(f"{tensor}.{PREFIX}_restored")
+
+    def restore_mul(self, tensor: str) -> str:
+        return self.unique(f"{PREFIX}_restore::{tensor}")
+
     # Quantization.
     def q_node(self, tensor: str) -> str:
         return self.unique(f"{PREFIX}_q::{tensor}")

@@ -161,19 +161,23 @@ class InsertedMul:
     rank: int | None
 
     def apply(self, ctx: FoldContext, inv_s: np.ndarray) -> None:
-        view = ctx.view
-        dtype = activation_dtype(view, self.activation)
-        shape = (inv_s.size,) if self.channel_axis == -1 else (inv_s.size,) + (1,) * (self.rank - 2)
-        scale_name = ctx.names.smoothing_scale(self.activation)
-        view.set_initializer(scale_name, inv_s.reshape(shape).astype(dtype))
-        smoothed = ctx.names.smoothed_tensor(self.activation)
-        mul = helper.make_node("Mul", [self.activation, scale_name], [smoothed],
-                               name=ctx.names.smoothing_mul(self.activation))
-        first = min(list(view.graph.node).index(n) for n in ctx.group_nodes)
-        view.graph.node.insert(first, mul)
-        for node in ctx.group_nodes:
-            node.input[0] = smoothed
-        view.rebuild()
+        insert_channel_mul(ctx.view, self.activation, inv_s, self.channel_axis, self.rank, ctx.group_nodes,
+                           ctx.names.smoothing_scale(self.activation), ctx.names.smoothed_tensor(self.activation),
+                           ctx.names.smoothing_mul(self.activation))
+
+
+def insert_channel_mul(view: GraphView, tensor: str, vector: np.ndarray, channel_axis: int, rank: int | None,
+                       readers: list[onnx.NodeProto], scale_name: str, output: str, node_name: str) -> None:
+    """Make ``readers`` read ``Mul(tensor, vector)`` (``vector`` per channel, in the tensor's dtype)."""
+    shape = (vector.size,) if channel_axis == -1 else (vector.size,) + (1,) * (rank - 2)
+    view.set_initializer(scale_name, vector.reshape(shape).astype(activation_dtype(view, tensor)))
+    mul = helper.make_node("Mul", [tensor, scale_name], [output], name=node_name)
+    view.graph.node.insert(min(list(view.graph.node).index(n) for n in readers), mul)
+    for node in readers:
+        for i, name in enumerate(node.input):
+            if name == tensor:
+                node.input[i] = output
+    view.rebuild()
 
 
 FoldSite = AffineFold | LinearOutputFold | InsertedMul
