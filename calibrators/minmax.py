@@ -1,13 +1,14 @@
-"""Per-channel abs-max calibration, computed inside the graph by ONNX Runtime.
+"""Per-channel min/max calibration, computed inside the graph by ONNX Runtime.
 
 For every target activation X the calibration graph gains::
 
-    last-axis channels ([..., C], MatMul/Gemm inputs):  ReduceMax(Reshape(Abs(X), [-1, C]), axes=[0])
-    axis-1 channels (NCHW Conv inputs, rank r):       ReduceMax(Abs(X), axes=[0, 2, ..., r-1])
+    last-axis channels ([..., C], MatMul/Gemm inputs):  R(Reshape(X, [-1, C]), axes=[0])
+    axis-1 channels (NCHW Conv inputs, rank r):       R(X, axes=[0, 2, ..., r-1])
 
-so only ``[C]`` vectors leave the session; whole activations are never fetched. Vectors
-are merged across batches with a running max, so memory does not depend on the number
-of samples. The calibration graph is a temporary copy; the model is not changed.
+for R in (ReduceMax, ReduceMin), so only two ``[C]`` vectors leave the session; whole
+activations are never fetched. ``max|X_j| = max(max_j, -min_j)``. Vectors are merged
+across batches with a running max/min, so memory does not depend on the number of
+samples. The calibration graph is a temporary copy; the model is not changed.
 """
 
 from __future__ import annotations
@@ -41,18 +42,19 @@ class StatTarget:
     rank: int | None = None  # needed for axis-1 targets only
 
 
-def _reduce_max(out: str, inp: str, axes: list[int], opset: int, names: NameFactory, tensor: str,
-                new_inits: list) -> onnx.NodeProto:
+def _reduce(op: str, out: str, inp: str, axes: list[int], opset: int, names: NameFactory, tensor: str,
+            new_inits: list) -> onnx.NodeProto:
     if opset >= 18:
         axes_name = names.unique(f"{out}::axes")
         new_inits.append(onnx.numpy_helper.from_array(np.array(axes, dtype=np.int64), axes_name))
-        return helper.make_node("ReduceMax", [inp, axes_name], [out], keepdims=0,
-                                name=names.amax_node(tensor, "reducemax"))
-    return helper.make_node("ReduceMax", [inp], [out], axes=axes, keepdims=0, name=names.amax_node(tensor, "reducemax"))
+        return helper.make_node(op, [inp, axes_name], [out], keepdims=0, name=names.amax_node(tensor, op.lower()))
+    return helper.make_node(op, [inp], [out], axes=axes, keepdims=0, name=names.amax_node(tensor, op.lower()))
 
 
-def build_calibration_graph(model: onnx.ModelProto, targets: Sequence[StatTarget]) -> tuple[onnx.ModelProto, dict[str, str]]:
-    """A copy of ``model`` with an abs-max output per target; returns it and target -> output name."""
+def build_calibration_graph(model: onnx.ModelProto,
+                            targets: Sequence[StatTarget]) -> tuple[onnx.ModelProto, dict[str, tuple[str, str]]]:
+    """A copy of ``model`` with per-channel min and max outputs per target; returns it and
+    target -> (min output, max output)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -61,23 +63,21 @@ def build_calibration_graph(model: onnx.ModelProto, targets: Sequence[StatTarget
     opset = opset_version(model)
     outputs, new_nodes, new_inits = {}, [], []
     for target in targets:
-        abs_out = names.unique(f"{target.tensor}::abs")
-        new_nodes.append(helper.make_node("Abs", [target.tensor], [abs_out], name=names.amax_node(target.tensor, "abs")))
-        amax = names.amax_output(target.tensor)
         if target.channel_axis == -1:
             shape_name = names.unique(f"{target.tensor}::shape")
             new_inits.append(onnx.numpy_helper.from_array(np.array([-1, target.channels], dtype=np.int64), shape_name))
-            flat = names.unique(f"{target.tensor}::flat")
-            new_nodes.append(helper.make_node("Reshape", [abs_out, shape_name], [flat],
+            source, axes = names.unique(f"{target.tensor}::flat"), [0]
+            new_nodes.append(helper.make_node("Reshape", [target.tensor, shape_name], [source],
                                               name=names.amax_node(target.tensor, "reshape")))
-            new_nodes.append(_reduce_max(amax, flat, [0], opset, names, target.tensor, new_inits))
         elif target.channel_axis == 1:
-            axes = [0] + list(range(2, target.rank))
-            new_nodes.append(_reduce_max(amax, abs_out, axes, opset, names, target.tensor, new_inits))
+            source, axes = target.tensor, [0] + list(range(2, target.rank))
         else:
             raise ValueError(f"unsupported channel axis {target.channel_axis}")
-        graph.output.append(helper.make_empty_tensor_value_info(amax))
-        outputs[target.tensor] = amax
+        lo, hi = names.amax_output(f"{target.tensor}::min"), names.amax_output(f"{target.tensor}::max")
+        new_nodes.append(_reduce("ReduceMin", lo, source, axes, opset, names, target.tensor, new_inits))
+        new_nodes.append(_reduce("ReduceMax", hi, source, axes, opset, names, target.tensor, new_inits))
+        graph.output.extend([helper.make_empty_tensor_value_info(lo), helper.make_empty_tensor_value_info(hi)])
+        outputs[target.tensor] = (lo, hi)
     graph.node.extend(new_nodes)
     graph.initializer.extend(new_inits)
     return out, outputs
@@ -105,12 +105,12 @@ def inference_session(proto: onnx.ModelProto, base_dir: Path,
 def collect_channel_stats(model: LoadedModel, targets: Sequence[StatTarget], data: CalibrationData, *,
                           progress: bool = True,
                           providers: Sequence[str] = ("CPUExecutionProvider",)) -> ChannelStats:
-    """Run ``model`` over ``data`` and return per-channel abs-max of every target activation."""
+    """Run ``model`` over ``data`` and return per-channel extremes of every target activation."""
     if not targets:
         return ChannelStats()
     data.check(model_inputs(model.proto))
     calib, outputs = build_calibration_graph(model.proto, targets)
-    fetch = [outputs[t.tensor] for t in targets]
+    fetch = [name for t in targets for name in outputs[t.tensor]]
     stats = ChannelStats()
     session = inference_session(calib, model.base_dir, providers)
     bar = tqdm(data.batches(), total=data.num_batches(), desc="calibrating", unit="batch",
@@ -120,13 +120,13 @@ def collect_channel_stats(model: LoadedModel, targets: Sequence[StatTarget], dat
             values = session.run(fetch, feed)
         except Exception as e:  # ORT raises its own exception types
             raise SmoothQuantError(f"{model.path}: ONNX Runtime failed on a calibration batch: {e}") from None
-        for target, value in zip(targets, values):
-            if value.shape != (target.channels,):
+        for target, lo, hi in zip(targets, values[0::2], values[1::2]):
+            if lo.shape != (target.channels,) or hi.shape != (target.channels,):
                 raise SmoothQuantError(
-                    f"{model.path}: activation {target.tensor!r} gave {value.shape} channel statistics, "
+                    f"{model.path}: activation {target.tensor!r} gave {hi.shape} channel statistics, "
                     f"expected ({target.channels},)"
                 )
-            stats.update(target.tensor, value, target.channel_axis)
+            stats.update(target.tensor, np.maximum(hi, -lo), target.channel_axis, minimum=lo, maximum=hi)
         stats.num_samples += len(next(iter(feed.values()))) if feed else 0
     if stats.num_samples == 0:
         raise SmoothQuantError(f"{data.description}: calibration set is empty (0 samples)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 
 from passes.errors import SmoothQuantError
@@ -18,6 +19,18 @@ class Unfoldable(enum.Enum):
 class Precision(enum.Enum):
     INT8 = "int8"  # symmetric, [-127, 127]
     FP8 = "fp8"  # E4M3FN, saturating, opset >= 19
+
+
+class Target(enum.Enum):
+    """The runtime whose kernels the Q/DQ placement is shaped for."""
+
+    TENSORRT = "tensorrt"  # symmetric INT8/FP8, zero points 0 (TensorRT's explicit-quantization rules)
+    ONNXRUNTIME = "onnxruntime"  # asymmetric uint8 activations, int8 weights: ORT CPU fuses every MatMul
+
+
+class WeightStorage(enum.Enum):
+    QUANTIZED = "quantized"  # int8/float8 initializer + DequantizeLinear (file ~4x smaller than fp32)
+    FLOAT = "float"  # FP initializer + QuantizeLinear -> DequantizeLinear (weights stay editable)
 
 
 @dataclass(frozen=True)
@@ -42,7 +55,33 @@ class CalibrationConfig:
 
 @dataclass(frozen=True)
 class QuantizationConfig:
+    """``exclude``: regular expressions searched in node names; matching linear ops stay FP.
+    ``max_fp_layers``: keep up to this many linear ops in FP whose quantized output error on
+    the calibration data is far above the rest (costs one more pass over the data).
+    ``check``: run the TensorRT rule checker on the output (``Target.TENSORRT``) and fail on
+    a violation."""
+
     precision: Precision = Precision.INT8
+    target: Target = Target.TENSORRT
+    weights: WeightStorage = WeightStorage.QUANTIZED
+    exclude: tuple[str, ...] = ()
+    max_fp_layers: int = 0
+    check: bool = True
+
+    def __post_init__(self):
+        for pattern in self.exclude:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise SmoothQuantError(f"--exclude {pattern!r} is not a regular expression: {e}") from None
+        if self.max_fp_layers < 0:
+            raise SmoothQuantError(f"max FP layers must be >= 0, got {self.max_fp_layers}")
+        if self.target is Target.ONNXRUNTIME and self.precision is Precision.FP8:
+            raise SmoothQuantError("ONNX Runtime has no FP8 GEMM kernels on CPU: use --target tensorrt for fp8")
+
+    def excluded(self, node_name: str) -> str | None:
+        """The first pattern that matches ``node_name``, if any."""
+        return next((p for p in self.exclude if re.search(p, node_name)), None)
 
 
 @dataclass(frozen=True)

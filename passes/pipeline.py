@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +21,15 @@ import onnx.version_converter
 from calibrators.data import CalibrationData, Feed
 from calibrators.minmax import collect_channel_stats, inference_session
 from calibrators.stats import ChannelStats
-from passes.config import SmoothQuantConfig
+from passes.check_trt import check_graph
+from passes.config import QuantizationConfig, SmoothQuantConfig, Target
 from passes.errors import SmoothQuantError
 from passes.fold import SmoothingReport, fold_smoothing
 from passes.graph import GraphView, opset_version
 from passes.linear import find_linear_ops
 from passes.onnx_io import LoadedModel, TensorStore, load_model, save_model
-from passes.qdq import FORMATS, QuantReport, quantize_linear_ops
+from passes.qdq import FORMATS, ActivationRange, QuantReport, quantize_linear_ops
+from passes.sensitivity import LayerError, choose_fp_layers, measure_layer_errors
 from passes.smooth import PlannedGroup, SmoothingGroup, find_groups, plan_smoothing, stat_targets
 
 CalibSource = str | os.PathLike | Iterable[Feed]
@@ -38,6 +41,7 @@ class SmoothQuantResult:
     report: SmoothingReport
     stats: ChannelStats
     quant_report: QuantReport | None = None  # None: smooth only
+    layer_errors: list[LayerError] = field(default_factory=list)  # measured when max_fp_layers > 0
     written: list[Path] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
 
@@ -98,12 +102,11 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
     if linear_ops and not report.smoothed:
         messages.append(f"{loaded.path}: no smoothable pattern (norm or linear producer feeding linear ops); "
                         f"the model is written unchanged")
-    quant_report = None
+    quant_report, layer_errors = None, []
     if not smooth_only:
-        amax = tensor_amax_after_smoothing(groups, planned, channel_stats)
-        quant_report = quantize_linear_ops(view, linear_ops, amax, opset_version(loaded.proto),
-                                           config.quantization.precision)
-    result = SmoothQuantResult(loaded.proto, report, channel_stats, quant_report, messages=messages)
+        quant_report, layer_errors = _quantize(loaded, view, groups, planned, channel_stats, linear_ops, calib,
+                                               config, messages)
+    result = SmoothQuantResult(loaded.proto, report, channel_stats, quant_report, layer_errors, messages=messages)
     if write:
         result.written = save_model(loaded.proto, out_path, loaded.base_dir)
     return result
@@ -120,26 +123,79 @@ def convert_opset(loaded: LoadedModel, opset: int) -> LoadedModel:
     return LoadedModel(converted, loaded.path)
 
 
-def tensor_amax_after_smoothing(groups: list[SmoothingGroup], planned: list[PlannedGroup],
-                                stats: ChannelStats) -> dict[str, float]:
-    """Per-tensor max|X'| of each linear op's (current) input: ``max_j(amax_j / s_j)`` where smoothed."""
+def _quantize(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup], planned: list[PlannedGroup],
+              stats: ChannelStats, linear_ops, calib: CalibSource | None, config: SmoothQuantConfig,
+              messages: list[str]) -> tuple[QuantReport, list[LayerError]]:
+    """Exclusions, the sensitivity fallback, Q/DQ placement and the TensorRT self-check."""
+    qconfig: QuantizationConfig = config.quantization
+    opset = opset_version(loaded.proto)
+    ranges = tensor_ranges_after_smoothing(groups, planned, stats)
+    kept_fp: list[tuple[str, str]] = []
+    candidates = []
+    for op in linear_ops:
+        pattern = qconfig.excluded(op.name)
+        if pattern is None:
+            candidates.append(op)
+        else:
+            kept_fp.append((op.name, f"excluded by --exclude {pattern!r}"))
+    for pattern in qconfig.exclude:
+        if not any(re.search(pattern, op.name) for op in linear_ops):
+            messages.append(f"--exclude {pattern!r} matches no linear op (names look like {linear_ops[0].name!r})"
+                            if linear_ops else f"--exclude {pattern!r} matches no linear op")
+    errors: list[LayerError] = []
+    if qconfig.max_fp_layers > 0:
+        data = _calibration_data(loaded, calib, config)
+        errors = measure_layer_errors(loaded, loaded.proto, candidates, ranges, opset, qconfig, data,
+                                      progress=config.calibration.progress)
+        median = float(np.median([e.sqnr_db for e in errors])) if errors else float("nan")
+        fallback = {e.name: e for e in choose_fp_layers(errors, qconfig.max_fp_layers)}
+        candidates = [op for op in candidates if op.name not in fallback]
+        kept_fp += [(name, f"sensitivity fallback: SQNR {e.sqnr_db:.1f} dB vs median {median:.1f} dB")
+                    for name, e in fallback.items()]
+    quant_report = quantize_linear_ops(view, candidates, ranges, opset, qconfig)
+    quant_report.skipped[:0] = kept_fp
+    if qconfig.check and qconfig.target is Target.TENSORRT:
+        check = check_graph(view, opset)
+        if not check.ok:
+            raise SmoothQuantError(f"{loaded.path}: the quantized graph breaks TensorRT's rules (nothing written):\n"
+                                   + "\n".join(f"  {v}" for v in check.violations))
+    return quant_report, errors
+
+
+def tensor_ranges_after_smoothing(groups: list[SmoothingGroup], planned: list[PlannedGroup],
+                                  stats: ChannelStats) -> dict[str, ActivationRange]:
+    """Per-tensor range of each linear op's (current) input after smoothing by ``s > 0``.
+
+    ``max|X'| = max_j(amax_j / s_j)``; with signed statistics ``lo = min_j(min_j / s_j)`` and
+    ``hi = max_j(max_j / s_j)``, else the symmetric ``[-max|X'|, max|X'|]``.
+    """
     scales = {p.group.activation: p.scales for p in planned}
-    amax = {}
+    ranges = {}
     for group in groups:
-        channels = stats.amax.get(group.activation)
+        tensor = group.activation
+        channels = stats.amax.get(tensor)
         if channels is None:
             continue
-        s = scales.get(group.activation)
-        value = float(np.max(channels / s)) if s is not None else float(np.max(channels))
+        s = scales.get(tensor, 1.0)
+        if tensor in stats.minimum:
+            rng = ActivationRange(float(np.min(stats.minimum[tensor] / s)), float(np.max(stats.maximum[tensor] / s)))
+        else:
+            amax = float(np.max(channels / s))
+            rng = ActivationRange(-amax, amax)
         for op in group.consumers:
-            amax[op.node.input[0]] = value
-    return amax
+            ranges[op.node.input[0]] = rng
+    return ranges
 
 
 def _get_stats(loaded: LoadedModel, view: GraphView, linear_ops, calib: CalibSource | None,
                stats: ChannelStats | Sequence[str | os.PathLike] | None, config: SmoothQuantConfig) -> ChannelStats:
     if stats is not None:
         return stats if isinstance(stats, ChannelStats) else ChannelStats.merge_files(list(stats))
+    data = _calibration_data(loaded, calib, config)
+    return collect_channel_stats(loaded, stat_targets(view, linear_ops), data, progress=config.calibration.progress)
+
+
+def _calibration_data(loaded: LoadedModel, calib: CalibSource | None, config: SmoothQuantConfig) -> CalibrationData:
     if calib is None:
         calib = default_calibration_path(loaded.path)
         if calib is None:
@@ -147,5 +203,4 @@ def _get_stats(loaded: LoadedModel, view: GraphView, linear_ops, calib: CalibSou
                 f"{loaded.path}: no calibration data: pass --calib DATA (or --stats FILE), or put "
                 f"{loaded.path.stem}.calib.npz beside the model"
             )
-    data = CalibrationData(calib, config.calibration.batch_size)
-    return collect_channel_stats(loaded, stat_targets(view, linear_ops), data, progress=config.calibration.progress)
+    return CalibrationData(calib, config.calibration.batch_size)

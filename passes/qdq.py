@@ -2,18 +2,25 @@
 
 For each linear op ``Y = X W`` (MatMul/Gemm/Conv with a constant weight)::
 
-    X~ = DQ(Q(X, a, 0), a, 0)                a = max|X'| / 127, one scale per tensor (static)
+    X~ = DQ(Q(X, a, z), a, z)                one scale per tensor (static), from the calibrated range
     W~ = DQ(W_q, w, 0, axis=out)             w_n = max_k |W'[k, n]| / 127, per output channel
                                              W_q = clip(round(W' / w), -127, 127) as int8
 
-(FP8: 448 instead of 127, values cast to E4M3FN with saturation, zero points FLOAT8E4M3FN;
-opset >= 19), so ``X~ W~ = a * w_n * (X_q W_q)``: the int32 accumulator is rescaled by a row scale
-(tokens) and a column scale (output channels) only, which GEMM epilogues support. Zero
-points are 0 (symmetric). After smoothing, ``max|X'| = max_j(max|X_j| / s_j)``, read off
-the calibrated per-channel statistics with no second calibration pass.
+so ``X~ W~ = a * w_n * ((X_q - z) W_q)``: the int32 accumulator is rescaled by a row scale
+(tokens) and a column scale (output channels) only, which GEMM epilogues support.
 
-Only GEMM inputs are quantized: never graph outputs, biases, Softmax or norm inputs.
-Activations with zero or non-finite range are left in floating point and reported.
+Activations, by :class:`Target`:
+
+- ``tensorrt``: symmetric, ``a = max|X'| / 127``, ``z = 0`` as int8 (FP8: 448, E4M3FN zero
+  points, opset >= 19). After smoothing ``max|X'| = max_j(max|X_j| / s_j)``, read off the
+  calibrated per-channel statistics with no second calibration pass.
+- ``onnxruntime``: asymmetric uint8 over ``[lo, hi]`` (widened to hold 0):
+  ``a = (hi - lo) / 255``, ``z = round(-lo / a)``; with ``lo = min_j(min_j / s_j)`` and
+  ``hi = max_j(max_j / s_j)``. ORT's CPU kernels fuse u8 x s8 QDQ MatMuls into integer GEMMs.
+
+Weights are stored quantized (int8/float8 + DQ) or, with ``WeightStorage.FLOAT``, as the FP
+weight followed by Q -> DQ. Only GEMM inputs are quantized: never graph outputs, biases,
+Softmax or norm inputs. Activations with zero or non-finite range stay FP and are reported.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from passes.config import Precision
+from passes.config import Precision, QuantizationConfig, Target, WeightStorage
 from passes.errors import SmoothQuantError
 from passes.graph import GraphView, activation_dtype
 from passes.linear import LinearOp
@@ -32,6 +39,28 @@ from passes.naming import NameFactory
 
 INT8_MAX = 127.0
 FP8_E4M3_MAX = 448.0
+UINT8_LEVELS = 255.0
+
+
+@dataclass(frozen=True)
+class ActivationRange:
+    """Calibrated range of one (smoothed) activation tensor."""
+
+    lo: float
+    hi: float
+
+    @property
+    def amax(self) -> float:
+        return max(abs(self.lo), abs(self.hi))
+
+    def valid(self) -> bool:
+        return bool(np.isfinite(self.lo) and np.isfinite(self.hi) and self.amax > 0)
+
+    def uint8_params(self) -> tuple[float, int]:
+        """Asymmetric uint8 scale and zero point for ``[min(lo, 0), max(hi, 0)]``."""
+        lo, hi = min(self.lo, 0.0), max(self.hi, 0.0)
+        scale = (hi - lo) / UINT8_LEVELS
+        return scale, int(np.clip(np.round(-lo / scale), 0, 255))
 
 
 @dataclass(frozen=True)
@@ -88,33 +117,38 @@ def quantize_weight(weight: np.ndarray, scale: np.ndarray, out_axis: int,
     return fmt.cast(weight.astype(np.float64) / scale.reshape(shape))
 
 
-def quantize_linear_ops(view: GraphView, linear_ops: list[LinearOp], activation_amax: dict[str, float],
-                        opset: int, precision: Precision = Precision.INT8) -> QuantReport:
-    """Insert Q/DQ for every op in ``linear_ops``; ``activation_amax`` is keyed by each op's current input."""
-    fmt = FORMATS[precision]
+def quantize_linear_ops(view: GraphView, linear_ops: list[LinearOp], ranges: dict[str, ActivationRange],
+                        opset: int, config: QuantizationConfig = QuantizationConfig()) -> QuantReport:
+    """Insert Q/DQ for every op in ``linear_ops``; ``ranges`` is keyed by each op's current input."""
+    fmt = FORMATS[config.precision]
     if opset < fmt.min_opset:
-        raise SmoothQuantError(f"{precision.name} QuantizeLinear/DequantizeLinear need opset >= {fmt.min_opset}, "
-                               f"the model has {opset}")
+        raise SmoothQuantError(f"{config.precision.name} QuantizeLinear/DequantizeLinear need opset >= "
+                               f"{fmt.min_opset}, the model has {opset}")
     names = NameFactory(view.all_names())
-    report = QuantReport(precision)
+    report = QuantReport(config.precision)
     act_dq: dict[str, str] = {}
     weight_dq: dict[tuple[str, int], str] = {}
     new_nodes: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []  # (node to insert, insert before)
     for op in linear_ops:
         node, x = op.node, op.node.input[0]
-        amax = activation_amax.get(x)
-        if amax is None or not np.isfinite(amax) or amax <= 0:
-            report.skipped.append((op.name, f"activation {x!r} has range {amax} (zero, non-finite or uncalibrated)"))
+        rng = ranges.get(x)
+        if rng is None or not rng.valid():
+            shown = "uncalibrated" if rng is None else f"[{rng.lo:.3g}, {rng.hi:.3g}]"
+            report.skipped.append((op.name, f"activation {x!r} has range {shown} (zero, non-finite or uncalibrated)"))
             continue
         dtype = activation_dtype(view, x)
         if dtype != np.float32 and opset < 19:
             raise SmoothQuantError(f"activation {x!r} (read by {op.name!r}) is {dtype}: QuantizeLinear takes it only "
                                    f"from opset 19, the model has {opset} (use --precision fp8, or convert the model)")
         if x not in act_dq:
-            scale = names.scale(x)
-            zero = names.zero_point(x)
-            view.set_initializer(scale, np.array(amax / fmt.qmax, dtype=dtype))
-            view.set_initializer(zero, np.zeros((), dtype=fmt.dtype()))
+            if config.target is Target.ONNXRUNTIME:
+                a, z = rng.uint8_params()
+                zero_value = np.array(z, dtype=np.uint8)
+            else:
+                a, zero_value = rng.amax / fmt.qmax, np.zeros((), dtype=fmt.dtype())
+            scale, zero = names.scale(x), names.zero_point(x)
+            view.set_initializer(scale, np.array(a, dtype=dtype))
+            view.set_initializer(zero, zero_value)
             q_out, dq_out = names.quantized(x), names.dequantized(x)
             new_nodes.append((helper.make_node("QuantizeLinear", [x, scale, zero], [q_out], name=names.q_node(x)), node))
             new_nodes.append((helper.make_node("DequantizeLinear", [q_out, scale, zero], [dq_out],
@@ -123,16 +157,8 @@ def quantize_linear_ops(view: GraphView, linear_ops: list[LinearOp], activation_
         source = view.constant_source(node.input[1])
         key = (source, op.weight_out_axis)
         if key not in weight_dq:
-            w = view.store.array(source)
-            w_scale = per_channel_weight_scale(w, op.weight_out_axis, fmt.qmax)
-            q_name, s_name, z_name = names.quantized(source), names.scale(source), names.zero_point(source)
-            view.set_initializer(q_name, quantize_weight(w, w_scale, op.weight_out_axis, fmt))
-            view.set_initializer(s_name, w_scale.astype(w.dtype))
-            view.set_initializer(z_name, np.zeros(w_scale.size, dtype=fmt.dtype()))
-            dq_out = names.dequantized(source)
-            new_nodes.append((helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [dq_out],
-                                               name=names.dq_node(source), axis=op.weight_out_axis), node))
-            weight_dq[key] = dq_out
+            weight_dq[key] = _quantize_weight_input(view, names, source, op.weight_out_axis, fmt, config.weights,
+                                                    new_nodes, node)
         node.input[0] = act_dq[x]
         node.input[1] = weight_dq[key]
         report.quantized.append(op.name)
@@ -141,3 +167,24 @@ def quantize_linear_ops(view: GraphView, linear_ops: list[LinearOp], activation_
     view.rebuild()
     view.drop_unused_initializers()
     return report
+
+
+def _quantize_weight_input(view: GraphView, names: NameFactory, source: str, axis: int, fmt: QuantFormat,
+                           storage: WeightStorage, new_nodes: list, before: onnx.NodeProto) -> str:
+    """Per-output-channel weight Q/DQ; returns the dequantized tensor the linear op reads."""
+    w = view.store.array(source)
+    w_scale = per_channel_weight_scale(w, axis, fmt.qmax)
+    s_name, z_name = names.scale(source), names.zero_point(source)
+    view.set_initializer(s_name, w_scale.astype(w.dtype))
+    view.set_initializer(z_name, np.zeros(w_scale.size, dtype=fmt.dtype()))
+    dq_out = names.dequantized(source)
+    if storage is WeightStorage.QUANTIZED:
+        q_name = names.quantized(source)
+        view.set_initializer(q_name, quantize_weight(w, w_scale, axis, fmt))
+    else:
+        q_name = names.quantized(source)
+        new_nodes.append((helper.make_node("QuantizeLinear", [source, s_name, z_name], [q_name],
+                                           name=names.q_node(source), axis=axis), before))
+    new_nodes.append((helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [dq_out],
+                                       name=names.dq_node(source), axis=axis), before))
+    return dq_out

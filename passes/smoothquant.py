@@ -9,7 +9,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from passes.config import CalibrationConfig, Precision, QuantizationConfig, SmoothingConfig, SmoothQuantConfig, Unfoldable
+from passes.config import (CalibrationConfig, Precision, QuantizationConfig, SmoothingConfig, SmoothQuantConfig,
+                           Target, Unfoldable, WeightStorage)
 from passes.errors import SmoothQuantError
 from passes.pipeline import run_smoothquant
 
@@ -29,6 +30,19 @@ def get_parser() -> argparse.ArgumentParser:
                    help="groups no constant can absorb: skip them, or insert one explicit Mul")
     p.add_argument("--precision", choices=[x.value for x in Precision], default=Precision.INT8.value,
                    help="W8A8 format: int8 (symmetric) or fp8 (E4M3FN; raises the opset to 19)")
+    p.add_argument("--target", choices=[t.value for t in Target], default=Target.TENSORRT.value,
+                   help="runtime the Q/DQ are shaped for: tensorrt (symmetric, zero points 0) or onnxruntime "
+                        "(asymmetric uint8 activations, which ORT's CPU kernels fuse)")
+    p.add_argument("--weights", choices=[w.value for w in WeightStorage], default=WeightStorage.QUANTIZED.value,
+                   help="store weights quantized (int8/float8 + DequantizeLinear, ~4x smaller) or as float "
+                        "followed by QuantizeLinear -> DequantizeLinear")
+    p.add_argument("--exclude", action="append", default=[], metavar="REGEX",
+                   help="keep linear ops whose node name matches REGEX in FP (repeatable)")
+    p.add_argument("--max-fp-layers", type=int, default=0, metavar="N",
+                   help="keep up to N linear ops in FP whose quantized output error on the calibration data is "
+                        "far above the rest (one more pass over the data)")
+    p.add_argument("--no-check", action="store_true",
+                   help="do not run the TensorRT rule checker on the output (--target tensorrt)")
     p.add_argument("--smooth-only", action="store_true", help="write the smoothed and folded FP model, no Q/DQ")
     p.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or per-group summary")
@@ -39,7 +53,9 @@ def config_from_args(args: argparse.Namespace) -> SmoothQuantConfig:
     return SmoothQuantConfig(
         smoothing=SmoothingConfig(alpha=args.alpha, unfoldable=Unfoldable(args.unfoldable)),
         calibration=CalibrationConfig(batch_size=args.batch_size, progress=not args.quiet),
-        quantization=None if args.smooth_only else QuantizationConfig(Precision(args.precision)),
+        quantization=None if args.smooth_only else QuantizationConfig(
+            precision=Precision(args.precision), target=Target(args.target), weights=WeightStorage(args.weights),
+            exclude=tuple(args.exclude), max_fp_layers=args.max_fp_layers, check=not args.no_check),
     )
 
 
@@ -60,6 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for message in result.messages:
         print(f"note: {message}", file=sys.stderr)
     summaries = [result.report.summary()] + ([result.quant_report.summary()] if result.quant_report else [])
+    if result.layer_errors:
+        worst = sorted(result.layer_errors, key=lambda e: e.sqnr_db)[:5]
+        summaries.append("lowest per-layer SQNR on calibration data: "
+                         + ", ".join(f"{e.name} {e.sqnr_db:.1f} dB" for e in worst))
     for summary in summaries:
         print(summary if not args.quiet else summary.splitlines()[0])
     print(f"wrote {', '.join(str(p) for p in result.written)}")

@@ -1,0 +1,117 @@
+"""Per-layer sensitivity: each linear op's own quantization error, measured inside the graph.
+
+For every candidate op ``Y = f(X, W)`` the measuring graph keeps the FP op and adds a
+quantized twin reading the same FP input, so errors do not pile up from layer to layer::
+
+    Y~  = f(DQ(Q(X)), DQ(W_q))                  (the Q/DQ the output model will have)
+    e   = ReduceSumSquare(Y~ - Y)               one scalar per op and batch
+    r   = ReduceSumSquare(Y)
+
+Only scalars leave the session. Over the calibration set, ``SQNR = 10 log10(sum r / sum e)``
+dB. :func:`choose_fp_layers` keeps in FP the ops whose error is far above the rest.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import onnx
+from onnx import helper
+from tqdm import tqdm
+
+from calibrators.data import CalibrationData, model_inputs
+from calibrators.minmax import inference_session
+from passes.config import QuantizationConfig
+from passes.errors import SmoothQuantError
+from passes.graph import GraphView
+from passes.linear import LinearOp
+from passes.naming import NameFactory
+from passes.onnx_io import LoadedModel, TensorStore
+from passes.qdq import ActivationRange, quantize_linear_ops
+
+# An op is "far above the rest" when its error energy exceeds this multiple of the median op's.
+OUTLIER_FACTOR = 4.0
+
+
+@dataclass(frozen=True)
+class LayerError:
+    name: str  # the linear op's node name
+    error: float  # sum of squared output error over the calibration set
+    reference: float  # sum of squared FP output
+
+    @property
+    def relative(self) -> float:
+        return self.error / self.reference if self.reference > 0 else float("inf")
+
+    @property
+    def sqnr_db(self) -> float:
+        rel = self.relative
+        return float("inf") if rel == 0 else float(10 * np.log10(1 / rel))
+
+
+def measure_layer_errors(model: LoadedModel, proto: onnx.ModelProto, ops: Sequence[LinearOp],
+                         ranges: dict[str, ActivationRange], opset: int, config: QuantizationConfig,
+                         data: CalibrationData, *, progress: bool = True) -> list[LayerError]:
+    """Quantization error of every op in ``ops`` (nodes of ``proto``, already smoothed) on ``data``."""
+    if not ops:
+        return []
+    data.check(model_inputs(proto))
+    work = copy.deepcopy(proto)
+    graph = work.graph
+    index = {id(n): i for i, n in enumerate(proto.graph.node)}
+    names = NameFactory({n.name for n in graph.node} | {o for n in graph.node for o in n.output}
+                        | {t.name for t in graph.initializer} | {i.name for i in graph.input})
+    twins, fetch = [], []
+    # Insert from the back so earlier positions stay valid.
+    for op in sorted(ops, key=lambda o: index[id(o.node)], reverse=True):
+        pos = index[id(op.node)]
+        original = graph.node[pos]
+        twin = copy.deepcopy(original)
+        twin.name = names.unique(f"{original.name or original.output[0]}::sq_quantized_twin")
+        del twin.output[:]
+        twin.output.append(names.unique(f"{original.output[0]}::sq_quantized"))
+        y, yq = original.output[0], twin.output[0]
+        diff, err, ref = (names.unique(f"{y}::sq_{s}") for s in ("diff", "err", "ref"))
+        extra = [twin,
+                 helper.make_node("Sub", [yq, y], [diff], name=names.unique(f"{diff}::node")),
+                 helper.make_node("ReduceSumSquare", [diff], [err], keepdims=0, name=names.unique(f"{err}::node")),
+                 helper.make_node("ReduceSumSquare", [y], [ref], keepdims=0, name=names.unique(f"{ref}::node"))]
+        for k, node in enumerate(extra):
+            graph.node.insert(pos + 1 + k, node)
+        twins.append(replace(op, node=graph.node[pos + 1]))
+        fetch.append((op.name, err, ref))
+    view = GraphView(graph, TensorStore(model))  # rebuild() points the store at the copy
+    report = quantize_linear_ops(view, twins, ranges, opset, config)
+    if report.skipped:
+        skipped = {name for name, _ in report.skipped}
+        fetch = [f for f, op in zip(fetch, twins) if op.name not in skipped]
+    del graph.output[:]
+    for _, err, ref in fetch:
+        graph.output.extend([helper.make_empty_tensor_value_info(err), helper.make_empty_tensor_value_info(ref)])
+    session = inference_session(work, model.base_dir)
+    totals = np.zeros((len(fetch), 2), dtype=np.float64)
+    bar = tqdm(data.batches(), total=data.num_batches(), desc="measuring layer errors", unit="batch",
+               disable=not progress, leave=False)
+    wanted = [name for _, err, ref in fetch for name in (err, ref)]
+    for feed in bar:
+        try:
+            values = session.run(wanted, feed)
+        except Exception as e:  # ORT raises its own exception types
+            raise SmoothQuantError(f"{model.path}: ONNX Runtime failed while measuring layer errors: {e}") from None
+        totals += np.asarray(values, dtype=np.float64).reshape(-1, 2)
+    # Report in graph order.
+    return [LayerError(name, float(e), float(r)) for (name, _, _), (e, r) in reversed(list(zip(fetch, totals)))]
+
+
+def choose_fp_layers(errors: Sequence[LayerError], max_fp_layers: int,
+                     factor: float = OUTLIER_FACTOR) -> list[LayerError]:
+    """Up to ``max_fp_layers`` ops, worst first, whose relative error exceeds ``factor`` x the median."""
+    if max_fp_layers <= 0 or not errors:
+        return []
+    median = float(np.median([e.relative for e in errors]))
+    worst = sorted(errors, key=lambda e: e.relative, reverse=True)
+    return [e for e in worst[:max_fp_layers] if e.relative > factor * median]
+

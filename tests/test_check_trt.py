@@ -1,0 +1,127 @@
+"""TensorRT rule checker: clean on every output of ours, and each rule caught when broken on purpose."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from passes import SmoothQuantConfig
+from passes.check_trt import Rule, check_model, main
+from passes.config import Precision, QuantizationConfig, WeightStorage
+from passes.pipeline import run_smoothquant
+
+
+def qdq_matmul(tmp_path, opset=13, act_scale=0.05, act_zero=np.int8(0), w=None, w_scale=None, w_zero=None,
+               axis=1, extra=(), output="y", elem=TensorProto.FLOAT):
+    """``y = DQ(Q(x)) @ DQ(w_q)``: x [2, 4, 8] float, w_q [8, 6] int8 per output channel; a clean model by default."""
+    w = np.arange(-24, 24, dtype=np.int8).reshape(8, 6) if w is None else w
+    w_scale = np.full(6, 0.01, np.float32) if w_scale is None else w_scale
+    w_zero = np.zeros(w_scale.shape, np.int8) if w_zero is None else w_zero
+    inits = [numpy_helper.from_array(np.asarray(act_scale, np.float32), "a_scale"),
+             numpy_helper.from_array(np.asarray(act_zero), "a_zero"),
+             numpy_helper.from_array(w, "w_q"), numpy_helper.from_array(w_scale, "w_scale"),
+             numpy_helper.from_array(w_zero, "w_zero")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "a_scale", "a_zero"], ["x_q"], name="q_x"),
+             helper.make_node("DequantizeLinear", ["x_q", "a_scale", "a_zero"], ["x_dq"], name="dq_x"),
+             helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], ["w_dq"], name="dq_w", axis=axis),
+             helper.make_node("MatMul", ["x_dq", "w_dq"], ["y"], name="matmul")]
+    for node in extra:
+        nodes.append(node)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", elem, [2, 4, 8])],
+                              [helper.make_tensor_value_info(output, TensorProto.FLOAT, [2, 4, 6] if output == "y" else [2, 4, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=9)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def rules(path) -> dict[Rule, list[str]]:
+    found: dict[Rule, list[str]] = {}
+    for v in check_model(path).violations:
+        found.setdefault(v.rule, []).append(v.node)
+    return found
+
+
+def test_clean_model_passes(tmp_path):
+    report = check_model(qdq_matmul(tmp_path))
+    assert report.ok and report.qdq_nodes == 3 and report.quantized_gemms == 1
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_bert", "tiny_bert_legacy"])
+@pytest.mark.parametrize("precision", list(Precision))
+@pytest.mark.parametrize("weights", list(WeightStorage))
+def test_every_output_of_ours_passes(demo_dir, tmp_path, name, precision, weights):
+    config = SmoothQuantConfig(quantization=QuantizationConfig(precision=precision, weights=weights, check=False))
+    result = run_smoothquant(demo_dir / f"{name}.onnx", tmp_path / "q.onnx", config=config)
+    report = check_model(tmp_path / "q.onnx")
+    assert report.ok, report.summary()
+    assert report.quantized_gemms == len(result.quant_report.quantized) > 0
+
+
+BROKEN = {
+    Rule.ZERO_POINT_ZERO: (dict(act_zero=np.int8(3)), "q_x"),
+    Rule.ZERO_POINT_TYPE: (dict(act_zero=np.uint8(0)), "q_x"),
+    Rule.SCALE_VALUE: (dict(w_scale=np.array([0.01, 0.01, 0.0, 0.01, 0.01, 0.01], np.float32)), "dq_w"),
+    Rule.AXIS_LENGTH: (dict(w_scale=np.full(8, 0.01, np.float32), w_zero=np.zeros(8, np.int8)), "dq_w"),
+    Rule.PER_AXIS_ON_WEIGHTS: (dict(act_scale=np.full(8, 0.05, np.float32), act_zero=np.zeros(8, np.int8)), "q_x"),
+    Rule.WEIGHT_RANGE: (dict(w=np.full((8, 6), -128, np.int8)), "dq_w"),
+    Rule.FP8_OPSET: (dict(act_zero=np.zeros((), np.float32).astype(__import__("ml_dtypes").float8_e4m3fn)), "q_x"),
+    Rule.NO_QDQ_OUTPUT: (dict(output="x_dq"), "dq_x"),
+}
+
+
+@pytest.mark.parametrize("rule", list(BROKEN), ids=lambda r: r.value)
+def test_each_broken_rule_is_caught(tmp_path, rule):
+    kwargs, node = BROKEN[rule]
+    found = rules(qdq_matmul(tmp_path, **kwargs))
+    assert node in found.get(rule, []), found
+
+
+def test_scale_must_be_constant(tmp_path):
+    path = qdq_matmul(tmp_path)
+    model = onnx.load(str(path))
+    # The activation scale becomes a run-time value: Abs(a_scale_input) of a graph input.
+    model.graph.input.append(helper.make_tensor_value_info("s_in", TensorProto.FLOAT, []))
+    model.graph.node.insert(0, helper.make_node("Abs", ["s_in"], ["s_rt"], name="abs"))
+    for node in model.graph.node:
+        if node.name in ("q_x", "dq_x"):
+            node.input[1] = "s_rt"
+    onnx.save(model, str(path))
+    found = rules(path)
+    assert found[Rule.SCALE_CONSTANT] == ["q_x", "dq_x"]
+
+
+def test_scale_type_must_match_the_input(tmp_path):
+    path = qdq_matmul(tmp_path)
+    model = onnx.load(str(path))
+    for t in model.graph.initializer:
+        if t.name == "a_scale":
+            t.CopyFrom(numpy_helper.from_array(np.array(0.05, np.float16), "a_scale"))
+    onnx.save(model, str(path))
+    assert "q_x" in rules(path)[Rule.SCALE_TYPE]
+
+
+def test_q_must_feed_dq_only(tmp_path):
+    extra = [helper.make_node("Cast", ["x_q"], ["x_cast"], name="cast", to=TensorProto.FLOAT)]
+    assert rules(qdq_matmul(tmp_path, extra=extra))[Rule.Q_FEEDS_DQ] == ["q_x"]
+
+
+def test_gemm_needs_dq_on_both_inputs(tmp_path):
+    path = qdq_matmul(tmp_path)
+    model = onnx.load(str(path))
+    model.graph.initializer.append(numpy_helper.from_array(np.ones((8, 6), np.float32), "w_fp"))
+    next(n for n in model.graph.node if n.name == "matmul").input[1] = "w_fp"
+    onnx.save(model, str(path))
+    assert rules(path)[Rule.GEMM_BOTH_DQ] == ["matmul"]
+
+
+def test_cli(tmp_path, capsys):
+    assert main([str(qdq_matmul(tmp_path))]) == 0
+    assert "no TensorRT rule violated" in capsys.readouterr().out
+    assert main([str(qdq_matmul(tmp_path, act_zero=np.int8(3)))]) == 1
+    out = capsys.readouterr().out
+    assert "[zero-point-zero] q_x" in out and "2 violations" in out
+    assert main([str(tmp_path / "missing.onnx")]) == 1
+    assert "missing.onnx" in capsys.readouterr().err
