@@ -78,6 +78,10 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
         raise SmoothQuantError(f"{out_path}: the output would overwrite the input model")
 
     messages = []
+    if config.quantization is not None and config.quantization.max_fp_layers > 0 and calib is not None \
+            and not isinstance(calib, (str, os.PathLike)) and iter(calib) is calib:
+        raise SmoothQuantError("--max-fp-layers reads the calibration data twice: pass a list of feeds, an "
+                               ".npz or a folder, not an iterator")
     if config.quantization is not None:
         need = FORMATS[config.quantization.precision].min_opset
         if opset_version(loaded.proto) < need:

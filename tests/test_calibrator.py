@@ -29,7 +29,7 @@ def reference_amax(path, targets, feeds):
     ref = {}
     for t, x in zip(targets, outs):
         axes = tuple(a for a in range(x.ndim) if a != (x.ndim - 1 if t.channel_axis == -1 else 1))
-        ref[t.tensor] = np.abs(x).max(axis=axes)
+        ref[t.tensor] = (np.abs(x).max(axis=axes), x.min(axis=axes), x.max(axis=axes))
     return ref
 
 
@@ -42,7 +42,10 @@ def test_matches_numpy_reference(demo_dir, name):
     stats = collect_channel_stats(loaded, targets, CalibrationData([feeds]), progress=False)
     ref = reference_amax(path, targets, feeds)
     for t in targets:
-        np.testing.assert_allclose(stats.amax[t.tensor], ref[t.tensor], rtol=1e-6)
+        amax, lo, hi = ref[t.tensor]
+        np.testing.assert_allclose(stats.amax[t.tensor], amax, rtol=1e-6)
+        np.testing.assert_allclose(stats.minimum[t.tensor], lo, rtol=1e-6)
+        np.testing.assert_allclose(stats.maximum[t.tensor], hi, rtol=1e-6)
     assert stats.num_samples == 6
 
 
@@ -84,6 +87,23 @@ def test_batch_size_shards_and_merge_agree(demo_dir, tmp_path):
         assert s.num_samples == 64
         for k in one.amax:
             np.testing.assert_allclose(s.amax[k], one.amax[k], rtol=1e-6)
+            np.testing.assert_allclose(s.minimum[k], one.minimum[k], rtol=1e-6)
+            np.testing.assert_allclose(s.maximum[k], one.maximum[k], rtol=1e-6)
+
+
+def test_format_1_statistics_still_load(tmp_path):
+    """Abs-max-only files (format 1) load; the signed range is then unknown, and merging keeps it unknown."""
+    import json
+
+    meta = {"format": 1, "num_samples": 3, "tensors": ["x"], "channel_axis": [-1]}
+    np.savez(tmp_path / "v1.npz", meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+             t0=np.array([1.0, 2.0], np.float32))
+    old = ChannelStats.load(tmp_path / "v1.npz")
+    assert old.amax["x"].tolist() == [1.0, 2.0] and "x" not in old.minimum
+    new = ChannelStats()
+    new.update("x", np.array([3.0, 1.0]), -1, minimum=np.array([-3.0, 0.0]), maximum=np.array([1.0, 1.0]))
+    merged = new.merge(old)
+    assert merged.amax["x"].tolist() == [3.0, 2.0] and "x" not in merged.minimum
 
 
 def test_stats_reuse_gives_identical_model(demo_dir, tmp_path):

@@ -1,0 +1,177 @@
+"""Quantization options: --exclude, the sensitivity fallback, --target onnxruntime, --weights float."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import run
+from passes import SmoothQuantConfig
+from passes.config import CalibrationConfig, QuantizationConfig, SmoothingConfig, Target, WeightStorage
+from passes.errors import SmoothQuantError
+from passes.pipeline import run_smoothquant
+from passes.qdq import ActivationRange, per_channel_weight_scale
+from test_quantize import held_out, row_cosine
+
+QUIET = CalibrationConfig(progress=False)
+
+
+def config(**quant) -> SmoothQuantConfig:
+    return SmoothQuantConfig(calibration=QUIET, quantization=QuantizationConfig(**quant))
+
+
+def three_matmuls(tmp_path, seed=0):
+    """Three independent MatMuls on graph inputs; ``x_b`` has one channel 300x the rest, which
+    the weight all but ignores (so it sets the quantization step but not the output)."""
+    rng = np.random.default_rng(seed)
+    weights = {k: rng.normal(0, 0.1, (16, 8)).astype(np.float32) for k in "abc"}
+    weights["b"][3] *= 1e-3
+    nodes = [helper.make_node("MatMul", [f"x_{k}", f"w_{k}"], [f"y_{k}"], name=f"mm_{k}") for k in "abc"]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info(f"x_{k}", TensorProto.FLOAT, ["n", 16]) for k in "abc"],
+        [helper.make_tensor_value_info(f"y_{k}", TensorProto.FLOAT, ["n", 8]) for k in "abc"],
+        [numpy_helper.from_array(w, f"w_{k}") for k, w in weights.items()])
+    path = tmp_path / "three.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    feeds = {f"x_{k}": rng.normal(0, 1, (64, 16)).astype(np.float32) for k in "abc"}
+    feeds["x_b"][:, 3] *= 300
+    return path, weights, feeds
+
+
+def fake_quant_error(x: np.ndarray, w: np.ndarray) -> float:
+    """Relative squared output error of symmetric INT8 W8A8 (per-tensor x, per-column w), in NumPy."""
+    a = np.abs(x).max() / 127
+    xq = np.clip(np.round(x / a), -127, 127) * a
+    ws = per_channel_weight_scale(w, 1)
+    wq = np.clip(np.round(w / ws), -127, 127) * ws
+    y = x.astype(np.float64) @ w
+    return float(((xq @ wq - y) ** 2).sum() / (y ** 2).sum())
+
+
+def test_layer_errors_match_numpy_and_fallback_keeps_the_outlier_layer(tmp_path):
+    path, weights, feeds = three_matmuls(tmp_path)
+    result = run_smoothquant(path, tmp_path / "q.onnx", calib=[feeds], config=config(max_fp_layers=2))
+    measured = {e.name: e.relative for e in result.layer_errors}
+    for k in "abc":
+        np.testing.assert_allclose(measured[f"mm_{k}"], fake_quant_error(feeds[f"x_{k}"], weights[k]),
+                                   rtol=2e-3)
+    assert measured["mm_b"] > 20 * max(measured["mm_a"], measured["mm_c"]), measured
+    kept = dict(result.quant_report.skipped)
+    assert list(kept) == ["mm_b"] and "sensitivity fallback: SQNR" in kept["mm_b"]  # only one is far above
+    assert sorted(result.quant_report.quantized) == ["mm_a", "mm_c"]
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    mm_b = next(n for n in model.graph.node if n.name == "mm_b")
+    assert list(mm_b.input) == ["x_b", "w_b"]
+    ref, got = run(path, feeds), run(tmp_path / "q.onnx", feeds)
+    np.testing.assert_array_equal(ref[1], got[1])
+
+
+def test_fallback_needs_data_it_can_read_twice(tmp_path):
+    path, _, feeds = three_matmuls(tmp_path)
+    with pytest.raises(SmoothQuantError, match="data twice"):
+        run_smoothquant(path, tmp_path / "q.onnx", calib=iter([feeds]), config=config(max_fp_layers=1))
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_exclude_keeps_matching_ops_fp(tmp_path):
+    path, _, feeds = three_matmuls(tmp_path)
+    result = run_smoothquant(path, tmp_path / "q.onnx", calib=[feeds], config=config(exclude=("_[ab]$", "nomatch")))
+    assert result.quant_report.quantized == ["mm_c"]
+    assert dict(result.quant_report.skipped) == {"mm_a": "excluded by --exclude '_[ab]$'",
+                                                 "mm_b": "excluded by --exclude '_[ab]$'"}
+    assert any("'nomatch' matches no linear op" in m for m in result.messages)
+    with pytest.raises(SmoothQuantError, match="not a regular expression"):
+        QuantizationConfig(exclude=("(",))
+
+
+def fused_op_types(path, tmp_path) -> collections.Counter:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.optimized_model_filepath = str(tmp_path / "ort_optimized.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
+def test_onnxruntime_target_fuses_every_matmul(demo_dir, tmp_path):
+    path = demo_dir / "tiny_bert.onnx"
+    ours = run_smoothquant(path, tmp_path / "ort.onnx", config=config(target=Target.ONNXRUNTIME))
+    trt = run_smoothquant(path, tmp_path / "trt.onnx", config=config())
+    n = len(ours.quant_report.quantized)
+    assert n == 12
+    model = onnx.load(str(tmp_path / "ort.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for q in (n for n in model.graph.node if n.op_type == "QuantizeLinear"):
+        assert inits[q.input[2]].dtype == np.uint8 and inits[q.input[1]].shape == ()
+    weight_zero = [inits[n.input[2]] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert len(weight_zero) == n and all(z.dtype == np.int8 and not z.any() for z in weight_zero)
+    # ORT's CPU graph optimizer turns every quantized MatMul into an integer GEMM for this target,
+    # and only some of them for the symmetric int8 (TensorRT) placement.
+    assert fused_op_types(tmp_path / "ort.onnx", tmp_path)["MatMulIntegerToFloat"] == n
+    assert fused_op_types(tmp_path / "trt.onnx", tmp_path)["MatMulIntegerToFloat"] < n == len(trt.quant_report.quantized)
+    feeds = held_out(demo_dir, "tiny_bert")
+    cos = row_cosine(run(path, feeds)[0], run(tmp_path / "ort.onnx", feeds)[0])
+    assert cos.mean() > 0.9995, cos.mean()
+
+
+def test_asymmetric_range_uses_signed_statistics():
+    rng = ActivationRange(-0.17, 10.0)  # a GELU output
+    scale, zero = rng.uint8_params()
+    assert zero == round(0.17 / scale) and scale == pytest.approx(10.17 / 255)
+    assert ActivationRange(0.5, 2.0).uint8_params() == (pytest.approx(2.0 / 255), 0)  # widened to hold 0
+
+
+def mlp(tmp_path, d=256, hidden=1024):
+    """LayerNorm -> MatMul -> Relu -> MatMul: nearly all bytes are linear weights."""
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(np.ones(d, np.float32), "gamma"),
+             numpy_helper.from_array(np.zeros(d, np.float32), "beta"),
+             numpy_helper.from_array(rng.normal(0, 0.05, (d, hidden)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.05, (hidden, d)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["h"], name="ln", axis=-1),
+             helper.make_node("MatMul", ["h", "w1"], ["u"], name="fc1"),
+             helper.make_node("Relu", ["u"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", d])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", d])], inits)
+    path = tmp_path / "mlp.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    x = rng.normal(0, 1, (32, d)).astype(np.float32)
+    x[:, 5] *= 50
+    return path, {"x": x}
+
+
+def test_weight_storage_file_size_and_equivalence(tmp_path):
+    path, feeds = mlp(tmp_path)
+    stored = run_smoothquant(path, tmp_path / "int8.onnx", calib=[feeds],
+                             config=config(weights=WeightStorage.QUANTIZED)).written[0]
+    floats = run_smoothquant(path, tmp_path / "float.onnx", calib=[feeds],
+                             config=config(weights=WeightStorage.FLOAT)).written[0]
+    ratio = path.stat().st_size / stored.stat().st_size
+    assert 3.5 < ratio <= 4.0, ratio  # measured 3.97
+    assert floats.stat().st_size > 0.95 * path.stat().st_size
+    float_model = onnx.load(str(floats))
+    weight_q = [n for n in float_model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in ("w1", "w2")]
+    assert len(weight_q) == 2 and all(next(a.i for a in n.attribute if a.name == "axis") == 1 for n in weight_q)
+    assert sum(n.op_type == "QuantizeLinear" for n in float_model.graph.node) == 4  # 2 activations + 2 weights
+    # Both storages compute the same thing (Q of the FP weight at run time == the stored int8).
+    np.testing.assert_allclose(run(stored, feeds)[0], run(floats, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_cli_options(demo_dir, tmp_path, capsys):
+    from passes.smoothquant import main
+
+    out = tmp_path / "q.onnx"
+    assert main([str(demo_dir / "tiny_llama.onnx"), "-o", str(out), "-q", "--max-fp-layers", "1",
+                 "--exclude", "linear_1$", "--target", "onnxruntime", "--weights", "float"]) == 0
+    text = capsys.readouterr().out
+    assert "lowest per-layer SQNR" in text and "14 linear ops quantized" in text
+    assert main([str(demo_dir / "tiny_llama.onnx"), "-o", str(tmp_path / "x.onnx"), "--exclude", "("]) == 1
+    assert "not a regular expression" in capsys.readouterr().err
+    assert main([str(demo_dir / "tiny_llama.onnx"), "-o", str(tmp_path / "x.onnx"), "--precision", "fp8",
+                 "--target", "onnxruntime"]) == 1
+    assert not (tmp_path / "x.onnx").exists()
