@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from passes.config import (CalibrationConfig, Precision, QuantizationConfig, SmoothingConfig, SmoothQuantConfig,
                            Target, Unfoldable, WeightStorage)
+from passes.build_engine import add_engine_arguments, build_prepared, engine_config_from_args, import_tensorrt, prepare
 from passes.errors import SmoothQuantError
 from passes.pipeline import run_smoothquant
 
@@ -45,6 +46,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="do not run the TensorRT rule checker on the output (--target tensorrt)")
     p.add_argument("--smooth-only", action="store_true", help="write the smoothed and folded FP model, no Q/DQ")
     p.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
+    p.add_argument("--engine", metavar="PLAN", help="also build a TensorRT engine from the output (needs the "
+                                                    "tensorrt package and a GPU; options below)")
+    add_engine_arguments(p.add_argument_group("TensorRT engine (with --engine)"))
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or per-group summary")
     return p
 
@@ -65,8 +69,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
         if args.stats and args.calib:
             raise SmoothQuantError("pass either --calib (calibrate now) or --stats (reuse statistics), not both")
+        engine_config = None
+        if args.engine:
+            if config.quantization is None or config.quantization.target is not Target.TENSORRT:
+                raise SmoothQuantError("--engine builds TensorRT engines: drop --smooth-only / --target onnxruntime")
+            engine_config = engine_config_from_args(args, check=False)  # the pipeline checks its own output
+            import_tensorrt()  # fail before any work if TensorRT is missing
+            prepare(args.model, args.engine, engine_config)  # profiles match the model's inputs
         result = run_smoothquant(args.model, args.output, calib=args.calib, stats=args.stats,
                              stats_out=args.stats_out, config=config)
+        if engine_config is not None:
+            loaded, command = prepare(result.written[0], args.engine, engine_config)
+            print(f"trtexec equivalent: {command}", flush=True)
+            result.written.append(build_prepared(loaded, args.engine, engine_config, command).engine)
     except SmoothQuantError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
