@@ -55,10 +55,14 @@ class GraphView:
         return all(id(c) in ids for c in self.consumers.get(tensor, []))
 
     def drop_unused_initializers(self) -> None:
-        """Remove initializers no node reads (left by cloning or quantizing); overridable inputs stay."""
+        """Remove initializers and Constant nodes no node reads (left by cloning or quantizing);
+        overridable inputs stay."""
         used = {i for n in self.graph.node for i in n.input} | self.graph_outputs | self.graph_inputs
+        dead = [n for n in self.graph.node if n.op_type == "Constant" and n.output[0] not in used]
+        for node in dead:
+            self.graph.node.remove(node)
         keep = [t for t in self.graph.initializer if t.name in used]
-        if len(keep) != len(self.graph.initializer):
+        if dead or len(keep) != len(self.graph.initializer):
             del self.graph.initializer[:]
             self.graph.initializer.extend(keep)
             self.rebuild()

@@ -59,6 +59,9 @@ def stat_targets(view: GraphView, linear_ops: list[LinearOp]) -> list[StatTarget
     return list(targets.values())
 
 
+SHAPE_ONLY_OPS = ("Shape", "Size")  # X' = X / s has X's shape
+
+
 def find_groups(view: GraphView, linear_ops: list[LinearOp], config: SmoothingConfig) -> list[SmoothingGroup]:
     by_activation: dict[str, list[LinearOp]] = defaultdict(list)
     for op in linear_ops:
@@ -76,7 +79,9 @@ def find_groups(view: GraphView, linear_ops: list[LinearOp], config: SmoothingCo
         axis, channels, rank = axes.pop(), widths.pop(), ranks.pop()
         site = find_fold_site(view, activation, linear_by_output, channels, axis, rank if axis == 1 else None)
         group_ids = {id(op.node) for op in ops}
-        others = tuple(c for c in view.consumers.get(activation, []) if id(c) not in group_ids)
+        # Readers outside the group need X back, except those that read only its shape.
+        others = tuple(c for c in view.consumers.get(activation, [])
+                       if id(c) not in group_ids and c.op_type not in SHAPE_ONLY_OPS)
         if isinstance(site, str):
             if config.unfoldable is Unfoldable.MUL:
                 site = InsertedMul(f"explicit Mul ({site})", activation, axis, rank if axis == 1 else None)
