@@ -35,12 +35,19 @@ class WeightStorage(enum.Enum):
 
 @dataclass(frozen=True)
 class SmoothingConfig:
+    """``alpha``: one migration strength for every group. ``alpha_grid``: if given, each group
+    gets the candidate (or no smoothing) whose quantized error on the calibration data is
+    lowest (one pass over the data per candidate). ``enabled=False``: quantize unsmoothed."""
+
     alpha: float = 0.5
     unfoldable: Unfoldable = Unfoldable.SKIP
+    alpha_grid: tuple[float, ...] = ()
+    enabled: bool = True
 
     def __post_init__(self):
-        if not 0.0 <= self.alpha <= 1.0:
-            raise SmoothQuantError(f"alpha must lie in [0, 1], got {self.alpha}")
+        for a in (self.alpha, *self.alpha_grid):
+            if not 0.0 <= a <= 1.0:
+                raise SmoothQuantError(f"alpha must lie in [0, 1], got {a}")
 
 
 @dataclass(frozen=True)

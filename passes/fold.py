@@ -67,7 +67,7 @@ def fold_smoothing(view: GraphView, planned: list[PlannedGroup], skipped: list[S
     for item in planned:
         group, s = item.group, item.scales
         nodes = [op.node for op in group.consumers]
-        ctx = FoldContext(view, names, nodes, [])
+        ctx = FoldContext(view, names, nodes, [item.note] if item.note else [])
         group.site.apply(ctx, 1.0 / s)
         if group.compensate:
             _compensate(view, names, group, s)

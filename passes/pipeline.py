@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ import onnx.version_converter
 from calibrators.data import CalibrationData, Feed
 from calibrators.minmax import collect_channel_stats, inference_session
 from calibrators.stats import ChannelStats
+from passes.alpha_search import AlphaChoice, search_alpha
 from passes.check_trt import check_graph
 from passes.config import QuantizationConfig, SmoothQuantConfig, Target
 from passes.errors import SmoothQuantError
@@ -30,7 +31,7 @@ from passes.linear import find_linear_ops
 from passes.onnx_io import LoadedModel, TensorStore, load_model, save_model
 from passes.qdq import FORMATS, ActivationRange, QuantReport, quantize_linear_ops
 from passes.sensitivity import LayerError, choose_fp_layers, measure_layer_errors
-from passes.smooth import PlannedGroup, SmoothingGroup, find_groups, plan_smoothing, stat_targets
+from passes.smooth import PlannedGroup, SmoothingGroup, find_groups, plan_smoothing, smoothed_range, stat_targets
 
 CalibSource = str | os.PathLike | Iterable[Feed]
 
@@ -42,6 +43,7 @@ class SmoothQuantResult:
     stats: ChannelStats
     quant_report: QuantReport | None = None  # None: smooth only
     layer_errors: list[LayerError] = field(default_factory=list)  # measured when max_fp_layers > 0
+    alpha_choices: list[AlphaChoice] = field(default_factory=list)  # with SmoothingConfig.alpha_grid
     written: list[Path] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
 
@@ -78,10 +80,11 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
         raise SmoothQuantError(f"{out_path}: the output would overwrite the input model")
 
     messages = []
-    if config.quantization is not None and config.quantization.max_fp_layers > 0 and calib is not None \
-            and not isinstance(calib, (str, os.PathLike)) and iter(calib) is calib:
-        raise SmoothQuantError("--max-fp-layers reads the calibration data twice: pass a list of feeds, an "
-                               ".npz or a folder, not an iterator")
+    rereads = (config.quantization is not None and config.quantization.max_fp_layers > 0) \
+        or (config.smoothing.enabled and config.smoothing.alpha_grid)
+    if rereads and calib is not None and not isinstance(calib, (str, os.PathLike)) and iter(calib) is calib:
+        raise SmoothQuantError("--max-fp-layers and --alpha auto read the calibration data more than once: pass a "
+                               "list of feeds, an .npz or a folder, not an iterator")
     if config.quantization is not None:
         need = FORMATS[config.quantization.precision].min_opset
         if opset_version(loaded.proto) < need:
@@ -101,7 +104,7 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
         channel_stats = _get_stats(loaded, view, linear_ops, calib, stats, config)
         if stats_out is not None:
             channel_stats.save(stats_out)
-    planned, skipped = plan_smoothing(view, groups, channel_stats, config.smoothing)
+    planned, skipped, alpha_choices = _plan(loaded, view, groups, channel_stats, calib, config)
     report = fold_smoothing(view, planned, skipped)
     if linear_ops and not report.smoothed:
         messages.append(f"{loaded.path}: no smoothable pattern (norm or linear producer feeding linear ops); "
@@ -110,7 +113,8 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
     if not smooth_only:
         quant_report, layer_errors = _quantize(loaded, view, groups, planned, channel_stats, linear_ops, calib,
                                                config, messages)
-    result = SmoothQuantResult(loaded.proto, report, channel_stats, quant_report, layer_errors, messages=messages)
+    result = SmoothQuantResult(loaded.proto, report, channel_stats, quant_report, layer_errors, alpha_choices,
+                               messages=messages)
     if write:
         result.written = save_model(loaded.proto, out_path, loaded.base_dir)
     return result
@@ -125,6 +129,18 @@ def convert_opset(loaded: LoadedModel, opset: int) -> LoadedModel:
         raise SmoothQuantError(f"{loaded.path}: could not convert to opset {opset} ({type(e).__name__}: "
                                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
     return LoadedModel(converted, loaded.path)
+
+
+def _plan(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup], stats: ChannelStats,
+          calib: CalibSource | None, config: SmoothQuantConfig):
+    """Scales per group: one α, a per-group search, or no smoothing at all."""
+    if not config.smoothing.enabled:
+        return [], [replace(g, site=None, skip_reason="smoothing disabled") for g in groups], []
+    if not config.smoothing.alpha_grid:
+        return (*plan_smoothing(view, groups, stats, config.smoothing), [])
+    return search_alpha(loaded, loaded.proto, view, groups, stats, opset_version(loaded.proto),
+                        config.quantization or QuantizationConfig(), _calibration_data(loaded, calib, config),
+                        config.smoothing.alpha_grid, progress=config.calibration.progress)
 
 
 def _quantize(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup], planned: list[PlannedGroup],
@@ -168,24 +184,13 @@ def _quantize(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup]
 
 def tensor_ranges_after_smoothing(groups: list[SmoothingGroup], planned: list[PlannedGroup],
                                   stats: ChannelStats) -> dict[str, ActivationRange]:
-    """Per-tensor range of each linear op's (current) input after smoothing by ``s > 0``.
-
-    ``max|X'| = max_j(amax_j / s_j)``; with signed statistics ``lo = min_j(min_j / s_j)`` and
-    ``hi = max_j(max_j / s_j)``, else the symmetric ``[-max|X'|, max|X'|]``.
-    """
+    """Per-tensor range of each linear op's (current) input after smoothing (see :func:`smoothed_range`)."""
     scales = {p.group.activation: p.scales for p in planned}
     ranges = {}
     for group in groups:
-        tensor = group.activation
-        channels = stats.amax.get(tensor)
-        if channels is None:
+        if group.activation not in stats.amax:
             continue
-        s = scales.get(tensor, 1.0)
-        if tensor in stats.minimum:
-            rng = ActivationRange(float(np.min(stats.minimum[tensor] / s)), float(np.max(stats.maximum[tensor] / s)))
-        else:
-            amax = float(np.max(channels / s))
-            rng = ActivationRange(-amax, amax)
+        rng = smoothed_range(stats, group.activation, scales.get(group.activation, 1.0))
         for op in group.consumers:
             ranges[op.node.input[0]] = rng
     return ranges

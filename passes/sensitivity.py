@@ -3,7 +3,8 @@
 For every candidate op ``Y = f(X, W)`` the measuring graph keeps the FP op and adds a
 quantized twin reading the same FP input, so errors do not pile up from layer to layer::
 
-    Y~  = f(DQ(Q(X)), DQ(W_q))                  (the Q/DQ the output model will have)
+    Y~  = f(DQ(Q(X / s)), DQ(quant(s * W)))     (the Q/DQ the output model will have; s = 1
+                                                 unless candidate smoothing scales are given)
     e   = ReduceSumSquare(Y~ - Y)               one scalar per op and batch
     r   = ReduceSumSquare(Y)
 
@@ -54,8 +55,14 @@ class LayerError:
 
 def measure_layer_errors(model: LoadedModel, proto: onnx.ModelProto, ops: Sequence[LinearOp],
                          ranges: dict[str, ActivationRange], opset: int, config: QuantizationConfig,
-                         data: CalibrationData, *, progress: bool = True) -> list[LayerError]:
-    """Quantization error of every op in ``ops`` (nodes of ``proto``, already smoothed) on ``data``."""
+                         data: CalibrationData, *, progress: bool = True,
+                         trial_scales: dict[str, np.ndarray] | None = None) -> list[LayerError]:
+    """Quantization error of every op in ``ops`` (nodes of ``proto``) on ``data``.
+
+    ``trial_scales`` maps an op's activation to smoothing scales ``s`` to try without folding
+    (the twin reads ``X * (1/s)`` and ``s * W``); ``ranges`` must then hold the range of ``X / s``
+    under the key :func:`trial_input` names.
+    """
     if not ops:
         return []
     data.check(model_inputs(proto))
@@ -84,6 +91,10 @@ def measure_layer_errors(model: LoadedModel, proto: onnx.ModelProto, ops: Sequen
         twins.append(replace(op, node=graph.node[pos + 1]))
         fetch.append((op.name, err, ref))
     view = GraphView(graph, TensorStore(model))  # rebuild() points the store at the copy
+    if trial_scales:
+        twins = [_apply_trial_scale(view, twin, trial_scales[twin.activation])
+                 if twin.activation in trial_scales else twin for twin in twins]
+        view.rebuild()
     report = quantize_linear_ops(view, twins, ranges, opset, config)
     if report.skipped:
         skipped = {name for name, _ in report.skipped}
@@ -104,6 +115,35 @@ def measure_layer_errors(model: LoadedModel, proto: onnx.ModelProto, ops: Sequen
         totals += np.asarray(values, dtype=np.float64).reshape(-1, 2)
     # Report in graph order.
     return [LayerError(name, float(e), float(r)) for (name, _, _), (e, r) in reversed(list(zip(fetch, totals)))]
+
+
+def trial_input(activation: str) -> str:
+    """Name of the twin input ``X * (1/s)`` for trial scales (unique enough inside the scratch graph)."""
+    return f"{activation}::sq_trial_smoothed"
+
+
+def _apply_trial_scale(view: GraphView, twin: LinearOp, s: np.ndarray) -> LinearOp:
+    """Point ``twin`` at ``X * (1/s)`` and at a private copy of its weight times ``s``."""
+    x = trial_input(twin.activation)
+    if x not in view.initializers and x not in {o for n in view.graph.node for o in n.output}:
+        shape = (s.size,) if twin.activation_channel_axis == -1 else (s.size,) + (1,) * (_rank(view, twin) - 2)
+        inv = f"{x}::inv_scale"
+        dtype = view.store.array(twin.weight).dtype
+        view.set_initializer(inv, (1.0 / s).reshape(shape).astype(dtype))
+        pos = list(view.graph.node).index(twin.node)
+        view.graph.node.insert(pos, helper.make_node("Mul", [twin.activation, inv], [x], name=f"{x}::mul"))
+    w = view.store.array(twin.weight)
+    shape = [1] * w.ndim
+    shape[twin.weight_in_axis] = s.size
+    scaled = f"{twin.node.name}::trial_weight"
+    view.set_initializer(scaled, (w.astype(np.float64) * s.reshape(shape)).astype(w.dtype))
+    twin.node.input[0] = x
+    twin.node.input[1] = scaled
+    return replace(twin, activation=x, weight=scaled)
+
+
+def _rank(view: GraphView, op: LinearOp) -> int:
+    return len(view.store.proto(op.weight).dims)
 
 
 def choose_fp_layers(errors: Sequence[LayerError], max_fp_layers: int,

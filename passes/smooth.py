@@ -45,6 +45,7 @@ class SmoothingGroup:
 class PlannedGroup:
     group: SmoothingGroup
     scales: np.ndarray  # s, float64 [C]
+    note: str | None = None  # how the scales were chosen, when it is worth reporting
 
 
 def stat_targets(view: GraphView, linear_ops: list[LinearOp]) -> list[StatTarget]:
@@ -100,6 +101,26 @@ def weight_channel_amax(view: GraphView, op: LinearOp) -> np.ndarray:
     return w.max(axis=axes)
 
 
+def group_scales(view: GraphView, group: SmoothingGroup, act_amax: np.ndarray, alpha: float) -> np.ndarray:
+    """``s`` for one group: every consumer's weight counts (max over them per input channel)."""
+    w_amax = np.max([weight_channel_amax(view, op) for op in group.consumers], axis=0)
+    return smoothing_scales(act_amax, w_amax, alpha)
+
+
+def smoothed_range(stats: ChannelStats, tensor: str, s: np.ndarray | float = 1.0):
+    """Per-tensor range of ``X / s`` (s > 0) from per-channel statistics of X.
+
+    ``max|X'| = max_j(amax_j / s_j)``; with signed statistics ``lo = min_j(min_j / s_j)`` and
+    ``hi = max_j(max_j / s_j)``, else the symmetric ``[-max|X'|, max|X'|]``.
+    """
+    from passes.qdq import ActivationRange  # noqa: PLC0415 - qdq does not depend on smoothing
+
+    if tensor in stats.minimum:
+        return ActivationRange(float(np.min(stats.minimum[tensor] / s)), float(np.max(stats.maximum[tensor] / s)))
+    amax = float(np.max(stats.amax[tensor] / s))
+    return ActivationRange(-amax, amax)
+
+
 def plan_smoothing(view: GraphView, groups: list[SmoothingGroup], stats: ChannelStats,
                    config: SmoothingConfig) -> tuple[list[PlannedGroup], list[SmoothingGroup]]:
     """Scale vectors for each foldable group; groups that cannot be smoothed come back with a reason."""
@@ -121,6 +142,5 @@ def plan_smoothing(view: GraphView, groups: list[SmoothingGroup], stats: Channel
             skipped.append(SmoothingGroup(group.activation, group.consumers, group.channels, group.channel_axis, None,
                                           "non-finite activation statistics"))
             continue
-        w_amax = np.max([weight_channel_amax(view, op) for op in group.consumers], axis=0)
-        planned.append(PlannedGroup(group, smoothing_scales(act, w_amax, config.alpha)))
+        planned.append(PlannedGroup(group, group_scales(view, group, act, config.alpha)))
     return planned, skipped

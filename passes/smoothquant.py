@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from passes.config import (CalibrationConfig, Precision, QuantizationConfig, SmoothingConfig, SmoothQuantConfig,
                            Target, Unfoldable, WeightStorage)
+from passes.alpha_search import DEFAULT_GRID
 from passes.build_engine import add_engine_arguments, build_prepared, engine_config_from_args, import_tensorrt, prepare
 from passes.errors import SmoothQuantError
 from passes.pipeline import run_smoothquant
@@ -26,7 +27,12 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", action="append", help="reuse statistics saved by --stats-out instead of calibrating; "
                                                     "repeat to merge shards")
     p.add_argument("--stats-out", help="save the calibration statistics to this .npz")
-    p.add_argument("--alpha", type=float, default=0.5, help="migration strength in [0, 1]")
+    p.add_argument("--alpha", default="0.5",
+                   help="migration strength in [0, 1], or 'auto': per group, the best of --alpha-grid (or no "
+                        "smoothing) by quantized error on the calibration data")
+    p.add_argument("--alpha-grid", default=",".join(f"{a:g}" for a in DEFAULT_GRID),
+                   help="candidates for --alpha auto, comma-separated")
+    p.add_argument("--no-smoothing", action="store_true", help="quantize without smoothing (a baseline)")
     p.add_argument("--unfoldable", choices=[u.value for u in Unfoldable], default=Unfoldable.SKIP.value,
                    help="groups no constant can absorb: skip them, or insert one explicit Mul")
     p.add_argument("--precision", choices=[x.value for x in Precision], default=Precision.INT8.value,
@@ -53,9 +59,20 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _smoothing_config(args: argparse.Namespace) -> SmoothingConfig:
+    try:
+        grid = tuple(float(a) for a in args.alpha_grid.split(",")) if args.alpha == "auto" else ()
+        alpha = 0.5 if args.alpha == "auto" else float(args.alpha)
+    except ValueError:
+        raise SmoothQuantError(f"--alpha {args.alpha!r} / --alpha-grid {args.alpha_grid!r}: expected numbers in "
+                               f"[0, 1] (or --alpha auto)") from None
+    return SmoothingConfig(alpha=alpha, unfoldable=Unfoldable(args.unfoldable), alpha_grid=grid,
+                           enabled=not args.no_smoothing)
+
+
 def config_from_args(args: argparse.Namespace) -> SmoothQuantConfig:
     return SmoothQuantConfig(
-        smoothing=SmoothingConfig(alpha=args.alpha, unfoldable=Unfoldable(args.unfoldable)),
+        smoothing=_smoothing_config(args),
         calibration=CalibrationConfig(batch_size=args.batch_size, progress=not args.quiet),
         quantization=None if args.smooth_only else QuantizationConfig(
             precision=Precision(args.precision), target=Target(args.target), weights=WeightStorage(args.weights),

@@ -1,0 +1,85 @@
+"""Per-group migration strength: pick α for each smoothing group on the calibration data.
+
+One global α is a compromise: a group whose activations carry a 100x outlier wants α near
+1, a group with tame activations and spiky weights wants it low, and some groups are best
+left unsmoothed. For every candidate ``c`` in ``{none} ∪ grid`` and every foldable group G
+with scales ``s_G(c)`` (``s = 1`` for none), the quantized error of each of G's ops is
+measured with FP inputs (:func:`passes.sensitivity.measure_layer_errors`, trial scales, no
+folding)::
+
+    E_G(c) = Σ_{op ∈ G} |f(DQ(Q(X / s)), DQ(quant(s W))) - f(X, W)|² / |f(X, W)|²
+
+and G gets ``argmin_c E_G(c)``. Each candidate costs one pass over the calibration data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from tqdm import tqdm
+
+from calibrators.data import CalibrationData
+from calibrators.stats import ChannelStats
+from passes.config import QuantizationConfig
+from passes.graph import GraphView
+from passes.onnx_io import LoadedModel
+from passes.sensitivity import measure_layer_errors, trial_input
+from passes.smooth import PlannedGroup, SmoothingGroup, group_scales, smoothed_range
+
+DEFAULT_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+@dataclass(frozen=True)
+class AlphaChoice:
+    activation: str
+    alpha: float | None  # None: no smoothing
+    errors: dict[float | None, float]  # candidate -> E_G
+
+    def describe(self) -> str:
+        chosen = "none" if self.alpha is None else f"{self.alpha:g}"
+        base = self.errors.get(None, float("nan"))
+        return f"α={chosen} (E {self.errors[self.alpha]:.3g} vs {base:.3g} unsmoothed)"
+
+
+def search_alpha(model: LoadedModel, proto: onnx.ModelProto, view: GraphView, groups: Sequence[SmoothingGroup],
+                 stats: ChannelStats, opset: int, config: QuantizationConfig, data: CalibrationData,
+                 grid: Sequence[float] = DEFAULT_GRID, *,
+                 progress: bool = True) -> tuple[list[PlannedGroup], list[SmoothingGroup], list[AlphaChoice]]:
+    """Smoothing plan with the best candidate per group; groups best left alone come back skipped."""
+    foldable = [g for g in groups if g.site is not None and g.activation in stats.amax
+                and np.all(np.isfinite(stats.amax[g.activation]))]
+    ops = [op for g in foldable for op in g.consumers]
+    candidates: list[float | None] = [None, *grid]
+    scales = {(g.activation, c): group_scales(view, g, stats.amax[g.activation], c)
+              for g in foldable for c in grid}
+    errors: dict[str, dict[float | None, float]] = {g.activation: {} for g in foldable}
+    for c in tqdm(candidates, desc="searching α per group", unit="α", disable=not progress, leave=False):
+        trial, ranges = {}, {}
+        for g in foldable:
+            if c is None:
+                ranges[g.activation] = smoothed_range(stats, g.activation)
+            else:
+                trial[g.activation] = scales[(g.activation, c)]
+                ranges[trial_input(g.activation)] = smoothed_range(stats, g.activation, trial[g.activation])
+        measured = {e.name: e.relative for e in measure_layer_errors(model, proto, ops, ranges, opset, config, data,
+                                                                     progress=False, trial_scales=trial)}
+        for g in foldable:
+            errors[g.activation][c] = float(sum(measured.get(op.name, np.inf) for op in g.consumers))
+    planned, skipped, choices = [], [], []
+    foldable_ids = {g.activation for g in foldable}
+    for g in groups:
+        if g.activation not in foldable_ids:
+            skipped.append(g)
+            continue
+        best = min(candidates, key=lambda c: (errors[g.activation][c], c is not None))
+        choice = AlphaChoice(g.activation, best, errors[g.activation])
+        choices.append(choice)
+        if best is None:
+            skipped.append(SmoothingGroup(g.activation, g.consumers, g.channels, g.channel_axis, None,
+                                          "α search: quantized error is lowest without smoothing"))
+        else:
+            planned.append(PlannedGroup(g, scales[(g.activation, best)], f"searched: {choice.describe()}"))
+    return planned, skipped, choices
