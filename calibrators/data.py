@@ -118,6 +118,8 @@ class CalibrationData:
             except StopIteration:
                 raise SmoothQuantError("calibration data: the iterable yielded no feeds") from None
             self._iterable = itertools.chain([self._peeked], iterator)
+            # A list (or any re-iterable) is read afresh on each pass; an iterator only once.
+            self._source = None if iter(source) is source else source
             self.description = "calibration feeds"
 
     def check(self, specs: list[InputSpec]) -> None:
@@ -160,7 +162,8 @@ class CalibrationData:
 
     def batches(self) -> Iterator[dict[str, np.ndarray]]:
         if self._iterable is not None:
-            for feed in self._iterable:
+            feeds, self._iterable = self._iterable, (iter(self._source) if self._source is not None else iter(()))
+            for feed in feeds:
                 yield {k: np.asarray(v) for k, v in feed.items()}
             return
         for path in self._files:

@@ -107,12 +107,17 @@ def measure_layer_errors(model: LoadedModel, proto: onnx.ModelProto, ops: Sequen
     bar = tqdm(data.batches(), total=data.num_batches(), desc="measuring layer errors", unit="batch",
                disable=not progress, leave=False)
     wanted = [name for _, err, ref in fetch for name in (err, ref)]
+    batches = 0
     for feed in bar:
+        batches += 1
         try:
             values = session.run(wanted, feed)
         except Exception as e:  # ORT raises its own exception types
             raise SmoothQuantError(f"{model.path}: ONNX Runtime failed while measuring layer errors: {e}") from None
         totals += np.asarray(values, dtype=np.float64).reshape(-1, 2)
+    if batches == 0:
+        raise SmoothQuantError(f"{data.description}: no calibration batches left to measure layer errors "
+                               f"(an iterator can be read only once)")
     # Report in graph order.
     return [LayerError(name, float(e), float(r)) for (name, _, _), (e, r) in reversed(list(zip(fetch, totals)))]
 

@@ -175,3 +175,41 @@ def test_cli_options(demo_dir, tmp_path, capsys):
     assert main([str(demo_dir / "tiny_llama.onnx"), "-o", str(tmp_path / "x.onnx"), "--precision", "fp8",
                  "--target", "onnxruntime"]) == 1
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_alpha_search_picks_the_lowest_error_per_group(tmp_path):
+    path, feeds = mlp(tmp_path)
+    cfg = SmoothQuantConfig(SmoothingConfig(alpha_grid=(0.2, 0.5, 0.9)), QUIET, QuantizationConfig())
+    result = run_smoothquant(path, tmp_path / "auto.onnx", calib=[feeds], config=cfg)
+    assert len(result.alpha_choices) == 1  # LayerNorm -> fc1 (Relu -> fc2 has no constant to fold into)
+    for choice in result.alpha_choices:
+        assert set(choice.errors) == {None, 0.2, 0.5, 0.9}
+        assert choice.errors[choice.alpha] == min(choice.errors.values())
+    ln = next(c for c in result.alpha_choices if c.activation == "h")
+    assert ln.alpha is not None and ln.errors[ln.alpha] < 0.5 * ln.errors[None]  # the 50x channel needs smoothing
+    # The searched model is no worse than any single alpha of the grid on the calibration data.
+    y = run(path, feeds)[0]
+
+    def error(model):
+        return float(((run(model, feeds)[0] - y) ** 2).sum() / (y ** 2).sum())
+
+    searched = error(tmp_path / "auto.onnx")
+    for alpha in (0.2, 0.5, 0.9):
+        fixed = run_smoothquant(path, tmp_path / f"a{alpha}.onnx", calib=[feeds],
+                                config=SmoothQuantConfig(SmoothingConfig(alpha), QUIET, QuantizationConfig()))
+        assert searched <= error(fixed.written[0]) * 1.05, (alpha, searched)
+    # Smoothing with searched scales stays exact.
+    smooth = run_smoothquant(path, tmp_path / "s.onnx", calib=[feeds],
+                             config=SmoothQuantConfig(SmoothingConfig(alpha_grid=(0.2, 0.5, 0.9)), QUIET, None))
+    assert smooth.report.smoothed
+    np.testing.assert_allclose(run(tmp_path / "s.onnx", feeds)[0], y, rtol=1e-4, atol=1e-5 * np.abs(y).max())
+
+
+def test_no_smoothing_baseline(tmp_path):
+    path, feeds = mlp(tmp_path)
+    cfg = SmoothQuantConfig(SmoothingConfig(enabled=False), QUIET, QuantizationConfig())
+    result = run_smoothquant(path, tmp_path / "q.onnx", calib=[feeds], config=cfg)
+    assert not result.report.smoothed and all(g.detail == "smoothing disabled" for g in result.report.groups)
+    assert len(result.quant_report.quantized) == 2
+    weights = {t.name for t in onnx.load(str(tmp_path / "q.onnx")).graph.initializer}
+    assert "gamma" in weights  # untouched
