@@ -1,9 +1,10 @@
 """W8A8 (INT8 / FP8) accuracy of the demo models against FP32 on held-out inputs, for several alphas.
 
-    python -m bench.demo_accuracy [--alphas 0 0.5 0.8] [--precisions int8 fp8] [--json OUT.json]
+    python -m bench.demo_accuracy [--alphas none 0 0.5 0.8 auto] [--precisions int8 fp8] [--json OUT.json]
 
 Metrics per model: mean and min row cosine of the outputs vs FP32, and for the decoder
-top-1 agreement of next-token logits. alpha=0 is W8A8 without smoothing.
+top-1 agreement of next-token logits. ``none`` is W8A8 without smoothing (s = 1); α=0 is the
+formula's other end (s_j = 1 / max|W_j|); ``auto`` searches α per group.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from passes.alpha_search import DEFAULT_GRID
 from passes import (CalibrationConfig, Precision, QuantizationConfig, SmoothingConfig, SmoothQuantConfig,
                     run_smoothquant)
 
@@ -36,9 +38,17 @@ def compare(ref: np.ndarray, got: np.ndarray) -> dict:
             "top1": round(float((a.argmax(1) == b.argmax(1)).mean()), 4)}
 
 
+def smoothing(alpha: str) -> SmoothingConfig:
+    if alpha == "none":
+        return SmoothingConfig(enabled=False)
+    if alpha == "auto":
+        return SmoothingConfig(alpha_grid=DEFAULT_GRID)
+    return SmoothingConfig(alpha=float(alpha))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.5, 0.8])
+    p.add_argument("--alphas", nargs="+", default=["none", "0", "0.5", "0.8", "auto"])
     p.add_argument("--precisions", nargs="+", default=["int8", "fp8"], choices=[x.value for x in Precision])
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
@@ -54,7 +64,7 @@ def main(argv=None) -> int:
             ref = outputs(DEMO / f"{name}.onnx", feeds)
             for precision in map(Precision, args.precisions):
                 for alpha in args.alphas:
-                    config = SmoothQuantConfig(SmoothingConfig(alpha=alpha), CalibrationConfig(progress=False),
+                    config = SmoothQuantConfig(smoothing(alpha), CalibrationConfig(progress=False),
                                                QuantizationConfig(precision))
                     out = run_smoothquant(DEMO / f"{name}.onnx", Path(tmp) / f"{name}_{alpha}.onnx", config=config)
                     rows.append({"model": name, "precision": precision.value, "alpha": alpha,
