@@ -124,12 +124,30 @@ class GraphView:
         self.store.refresh(self.graph)
 
 
-def activation_dtype(view: GraphView, tensor: str) -> np.dtype:
-    """The element type of ``tensor`` if the graph declares it (value_info, inputs, outputs); else float32."""
+def activation_dtype(view: GraphView, tensor: str, _depth: int = 0) -> np.dtype:
+    """The element type of ``tensor``: declared (value_info, inputs, outputs), else traced back
+    through its producers (a Cast's target, a float constant input, or the first input)."""
     for vi in list(view.graph.value_info) + list(view.graph.input) + list(view.graph.output):
         if vi.name == tensor and vi.type.tensor_type.elem_type:
             return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
-    return np.dtype(np.float32)
+    if tensor in view.initializers:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(view.store.proto(tensor).data_type))
+    node = view.producer.get(tensor)
+    if node is None or _depth > 64:
+        return np.dtype(np.float32)
+    if node.op_type == "Cast":
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(attribute(node, "to")))
+    if node.op_type == "Constant":
+        value = view.constant_value(tensor)
+        return value.dtype if value is not None else np.dtype(np.float32)
+    for inp in node.input:
+        source = view.constant_source(inp) if inp else None
+        if source is not None:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(view.store.proto(source).data_type))
+            if dtype.kind == "f" or str(dtype) == "bfloat16":
+                return dtype
+    first = next((i for i in node.input if i), None)
+    return activation_dtype(view, first, _depth + 1) if first else np.dtype(np.float32)
 
 
 def attribute(node: onnx.NodeProto, name: str, default=None):

@@ -86,10 +86,11 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
         raise SmoothQuantError("--max-fp-layers and --alpha auto read the calibration data more than once: pass a "
                                "list of feeds, an .npz or a folder, not an iterator")
     if config.quantization is not None:
-        need = FORMATS[config.quantization.precision].min_opset
+        need, why = FORMATS[config.quantization.precision].min_opset, config.quantization.precision.name
+        if _has_half_floats(loaded.proto) and need < 19:
+            need, why = 19, "fp16/bf16 activations (QuantizeLinear takes them from opset 19)"
         if opset_version(loaded.proto) < need:
-            messages.append(f"converted from opset {opset_version(loaded.proto)} to {need} for "
-                            f"{config.quantization.precision.name}")
+            messages.append(f"converted from opset {opset_version(loaded.proto)} to {need} for {why}")
             loaded = convert_opset(loaded, need)
     view = GraphView(loaded.proto.graph, TensorStore(loaded))
     linear_ops, passed_over = find_linear_ops(view)
@@ -118,6 +119,12 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
     if write:
         result.written = save_model(loaded.proto, out_path, loaded.base_dir)
     return result
+
+
+def _has_half_floats(model: onnx.ModelProto) -> bool:
+    half = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+    return any(t.data_type in half for t in model.graph.initializer) or any(
+        v.type.tensor_type.elem_type in half for v in list(model.graph.input) + list(model.graph.output))
 
 
 def convert_opset(loaded: LoadedModel, opset: int) -> LoadedModel:

@@ -33,7 +33,7 @@ from onnx import helper
 
 from passes.config import Precision, QuantizationConfig, Target, WeightStorage
 from passes.errors import SmoothQuantError
-from passes.graph import GraphView, activation_dtype
+from passes.graph import GraphView
 from passes.linear import LinearOp
 from passes.naming import NameFactory
 
@@ -136,7 +136,8 @@ def quantize_linear_ops(view: GraphView, linear_ops: list[LinearOp], ranges: dic
             shown = "uncalibrated" if rng is None else f"[{rng.lo:.3g}, {rng.hi:.3g}]"
             report.skipped.append((op.name, f"activation {x!r} has range {shown} (zero, non-finite or uncalibrated)"))
             continue
-        dtype = activation_dtype(view, x)
+        # MatMul/Gemm/Conv take one float type for X and W: the weight tells X's type.
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(view.store.proto(view.constant_source(node.input[1])).data_type))
         if dtype != np.float32 and opset < 19:
             raise SmoothQuantError(f"activation {x!r} (read by {op.name!r}) is {dtype}: QuantizeLinear takes it only "
                                    f"from opset 19, the model has {opset} (use --precision fp8, or convert the model)")

@@ -12,7 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import run
 from passes import SmoothQuantConfig
-from passes.config import CalibrationConfig, QuantizationConfig, SmoothingConfig, Target, WeightStorage
+from passes.check_trt import check_model
+from passes.config import CalibrationConfig, Precision, QuantizationConfig, SmoothingConfig, Target, WeightStorage
 from passes.errors import SmoothQuantError
 from passes.pipeline import run_smoothquant
 from passes.qdq import ActivationRange, per_channel_weight_scale
@@ -125,24 +126,44 @@ def test_asymmetric_range_uses_signed_statistics():
     assert ActivationRange(0.5, 2.0).uint8_params() == (pytest.approx(2.0 / 255), 0)  # widened to hold 0
 
 
-def mlp(tmp_path, d=256, hidden=1024):
+def mlp(tmp_path, d=256, hidden=1024, dtype=np.float32):
     """LayerNorm -> MatMul -> Relu -> MatMul: nearly all bytes are linear weights."""
     rng = np.random.default_rng(1)
-    inits = [numpy_helper.from_array(np.ones(d, np.float32), "gamma"),
-             numpy_helper.from_array(np.zeros(d, np.float32), "beta"),
-             numpy_helper.from_array(rng.normal(0, 0.05, (d, hidden)).astype(np.float32), "w1"),
-             numpy_helper.from_array(rng.normal(0, 0.05, (hidden, d)).astype(np.float32), "w2")]
+    inits = [numpy_helper.from_array(np.ones(d, dtype), "gamma"),
+             numpy_helper.from_array(np.zeros(d, dtype), "beta"),
+             numpy_helper.from_array(rng.normal(0, 0.05, (d, hidden)).astype(dtype), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.05, (hidden, d)).astype(dtype), "w2")]
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     nodes = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["h"], name="ln", axis=-1),
              helper.make_node("MatMul", ["h", "w1"], ["u"], name="fc1"),
              helper.make_node("Relu", ["u"], ["r"], name="relu"),
              helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", d])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", d])], inits)
-    path = tmp_path / "mlp.onnx"
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", elem, ["b", d])],
+                              [helper.make_tensor_value_info("y", elem, ["b", d])], inits)
+    path = tmp_path / f"mlp_{np.dtype(dtype).name}.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     x = rng.normal(0, 1, (32, d)).astype(np.float32)
     x[:, 5] *= 50
-    return path, {"x": x}
+    return path, {"x": x.astype(dtype)}
+
+
+@pytest.mark.parametrize("precision", list(Precision))
+def test_fp16_models_quantize_with_fp16_scales(tmp_path, precision):
+    """QuantizeLinear takes fp16 input from opset 19: the model is converted, scales match its type."""
+    path16, feeds16 = mlp(tmp_path, dtype=np.float16)
+    path32, feeds32 = mlp(tmp_path)
+    result = run_smoothquant(path16, tmp_path / "q16.onnx", calib=[feeds16], config=config(precision=precision))
+    assert any("to 19" in m for m in result.messages) and len(result.quant_report.quantized) == 2
+    model = onnx.load(str(tmp_path / "q16.onnx"))
+    inits = {t.name: t for t in model.graph.initializer}
+    scales = [inits[n.input[1]] for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert scales and all(t.data_type == TensorProto.FLOAT16 for t in scales)
+    assert check_model(tmp_path / "q16.onnx").ok
+    q32 = run_smoothquant(path32, tmp_path / "q32.onnx", calib=[feeds32], config=config(precision=precision))
+    y16, y32 = run(tmp_path / "q16.onnx", feeds16)[0].astype(np.float64), run(q32.written[0], feeds32)[0]
+    ref = run(path32, feeds32)[0]
+    cos = lambda a, b: float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))  # noqa: E731
+    assert cos(y16, ref) > cos(y32, ref) - 2e-3, (cos(y16, ref), cos(y32, ref))
 
 
 def test_weight_storage_file_size_and_equivalence(tmp_path):
