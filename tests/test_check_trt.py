@@ -125,3 +125,15 @@ def test_cli(tmp_path, capsys):
     assert "[zero-point-zero] q_x" in out and "2 violations" in out
     assert main([str(tmp_path / "missing.onnx")]) == 1
     assert "missing.onnx" in capsys.readouterr().err
+
+
+def test_pipeline_refuses_to_write_a_model_that_breaks_the_rules(demo_dir, tmp_path, monkeypatch):
+    import passes.pipeline as pipeline
+    from passes.check_trt import CheckReport, Violation
+    from passes.errors import SmoothQuantError
+
+    broken = CheckReport([Violation(Rule.ZERO_POINT_ZERO, "sq_q::x", "zero point 'z' is not all zero")])
+    monkeypatch.setattr(pipeline, "check_graph", lambda view, opset: broken)
+    with pytest.raises(SmoothQuantError, match=r"breaks TensorRT's rules \(nothing written\):\n  \[zero-point-zero\] sq_q::x"):
+        run_smoothquant(demo_dir / "tiny_bert.onnx", tmp_path / "q.onnx")
+    assert list(tmp_path.iterdir()) == []
