@@ -102,20 +102,6 @@ def handbook_paragraphs(cache: Path = DEFAULT_CACHE) -> list[str]:
     return paragraphs
 
 
-def read_text_file(path: str | os.PathLike) -> list[str]:
-    """A user's text: paragraphs separated by blank lines (single lines joined)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise SmoothQuantError(f"{path}: cannot read text ({e})") from None
-    paragraphs = [re.sub(r"\s+", " ", block).strip() for block in re.split(r"\n\s*\n", text)]
-    paragraphs = [p for p in paragraphs if p]
-    if not paragraphs:
-        raise SmoothQuantError(f"{path}: no text")
-    return paragraphs
-
-
 def split(paragraphs: list[str], calib: int, evaluation: int, every: int = 4) -> tuple[list[str], list[str]]:
     """Disjoint sets: evaluation takes every ``every``-th paragraph, calibration the others."""
     held_out = paragraphs[::every]

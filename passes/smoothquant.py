@@ -11,7 +11,10 @@ from collections.abc import Sequence
 
 from passes.config import (CalibrationConfig, Precision, QuantizationConfig, SmoothingConfig, SmoothQuantConfig,
                            Target, Unfoldable, WeightStorage)
+from calibrators.data import model_inputs
+from calibrators.text import TextLayout, load_tokenizer, read_text_file, text_feeds
 from passes.alpha_search import DEFAULT_GRID
+from passes.onnx_io import load_model
 from passes.build_engine import add_engine_arguments, build_prepared, engine_config_from_args, import_tensorrt, prepare
 from passes.errors import SmoothQuantError
 from passes.pipeline import run_smoothquant
@@ -24,6 +27,13 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="output model (default: MODEL.sq.onnx, or MODEL.smooth.onnx with --smooth-only)")
     p.add_argument("--calib", help="calibration data: .npz (keys = input names, samples on axis 0) or a folder of them "
                                    "(default: MODEL.calib.npz beside the model)")
+    text = p.add_argument_group("calibration from text (instead of --calib)")
+    text.add_argument("--calib-text", metavar="FILE", help="a UTF-8 text file; paragraphs are separated by blank lines")
+    text.add_argument("--tokenizer", metavar="DIR", help="the model's tokenizer (a folder with tokenizer.json)")
+    text.add_argument("--seq-len", type=int, default=128, help="tokens per sample")
+    text.add_argument("--samples", type=int, default=64, help="number of samples")
+    text.add_argument("--text-layout", choices=[t.value for t in TextLayout], default=TextLayout.WINDOWS.value,
+                      help="windows: running text cut into seq-len windows; paragraphs: one padded paragraph each")
     p.add_argument("--stats", action="append", help="reuse statistics saved by --stats-out instead of calibrating; "
                                                     "repeat to merge shards")
     p.add_argument("--stats-out", help="save the calibration statistics to this .npz")
@@ -59,6 +69,16 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+def text_calibration(args: argparse.Namespace) -> list[dict]:
+    """Feed dicts of ``--batch-size`` rows, ``--samples`` in all, tokenized from ``--calib-text``."""
+    if not args.tokenizer:
+        raise SmoothQuantError("--calib-text needs --tokenizer DIR (the folder holding tokenizer.json)")
+    specs = model_inputs(load_model(args.model).proto)
+    feeds = text_feeds(specs, read_text_file(args.calib_text), load_tokenizer(args.tokenizer), args.seq_len,
+                       args.samples, TextLayout(args.text_layout))
+    return [{k: v[i:i + args.batch_size] for k, v in feeds.items()} for i in range(0, args.samples, args.batch_size)]
+
+
 def _smoothing_config(args: argparse.Namespace) -> SmoothingConfig:
     try:
         grid = tuple(float(a) for a in args.alpha_grid.split(",")) if args.alpha == "auto" else ()
@@ -84,8 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     try:
         config = config_from_args(args)
-        if args.stats and args.calib:
-            raise SmoothQuantError("pass either --calib (calibrate now) or --stats (reuse statistics), not both")
+        sources = [name for name, given in (("--calib", args.calib), ("--stats", args.stats),
+                                            ("--calib-text", args.calib_text)) if given]
+        if len(sources) > 1:
+            raise SmoothQuantError(f"pass one of --calib, --stats or --calib-text, not {' and '.join(sources)}")
+        calib = args.calib if not args.calib_text else text_calibration(args)
         engine_config = None
         if args.engine:
             if config.quantization is None or config.quantization.target is not Target.TENSORRT:
@@ -93,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             engine_config = engine_config_from_args(args, check=False)  # the pipeline checks its own output
             import_tensorrt()  # fail before any work if TensorRT is missing
             prepare(args.model, args.engine, engine_config)  # profiles match the model's inputs
-        result = run_smoothquant(args.model, args.output, calib=args.calib, stats=args.stats,
+        result = run_smoothquant(args.model, args.output, calib=calib, stats=args.stats,
                              stats_out=args.stats_out, config=config)
         if engine_config is not None:
             loaded, command = prepare(result.written[0], args.engine, engine_config)

@@ -90,3 +90,26 @@ def test_w8a8_matches_fp32_on_held_out_text(quantized, label):
 def test_smoothing_beats_no_smoothing(quantized):
     # measured on 256 paragraphs: 0.984 unsmoothed, 0.9976 at α=0.9 (bench/minilm.py)
     assert quantized("int8 α=0.9")[1].metrics["cosine_mean"] > quantized("int8 none")[1].metrics["cosine_mean"] + 0.008
+
+
+def test_calibrate_from_a_text_file(minilm, tmp_path, capsys):
+    """--calib-text FILE --tokenizer DIR gives the same model as the equivalent .npz."""
+    from calibrators.text import TextLayout, load_tokenizer, read_text_file, text_feeds
+    from calibrators.data import model_inputs
+    from passes.onnx_io import load_model
+    from passes.smoothquant import main
+
+    text = tmp_path / "notes.txt"
+    text.write_text("\n\n".join(f"Paragraph {i}: the package manager installs, upgrades and removes software; "
+                                f"configuration lives in /etc and logs in /var/log." for i in range(200)))
+    tok = minilm.with_name("minilm.tokenizer")
+    args = ["--calib-text", str(text), "--tokenizer", str(tok), "--seq-len", "32", "--samples", "12", "-q"]
+    assert main([str(minilm), "-o", str(tmp_path / "a.onnx"), *args]) == 0
+    feeds = text_feeds(model_inputs(load_model(minilm).proto), read_text_file(text), load_tokenizer(tok), 32, 12,
+                       TextLayout.WINDOWS)
+    assert feeds["input_ids"].shape == (12, 32) and feeds["attention_mask"].all()
+    np.savez(tmp_path / "c.npz", **feeds)
+    assert main([str(minilm), "-o", str(tmp_path / "b.onnx"), "--calib", str(tmp_path / "c.npz"), "-q"]) == 0
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    assert main([str(minilm), "-o", str(tmp_path / "x.onnx"), "--calib-text", str(text), "-q"]) == 1
+    assert "--tokenizer" in capsys.readouterr().err and not (tmp_path / "x.onnx").exists()
