@@ -19,14 +19,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from tqdm import tqdm
 
 from calibrators.data import CalibrationData
 from calibrators.stats import ChannelStats
 from passes.config import QuantizationConfig
 from passes.graph import GraphView
 from passes.onnx_io import LoadedModel
-from passes.sensitivity import measure_layer_errors, trial_input
+from passes.sensitivity import Trial, measure_group_candidates
 from passes.smooth import PlannedGroup, SmoothingGroup, group_scales, smoothed_range
 
 DEFAULT_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -51,23 +50,16 @@ def search_alpha(model: LoadedModel, proto: onnx.ModelProto, view: GraphView, gr
     """Smoothing plan with the best candidate per group; groups best left alone come back skipped."""
     foldable = [g for g in groups if g.site is not None and g.activation in stats.amax
                 and np.all(np.isfinite(stats.amax[g.activation]))]
-    ops = [op for g in foldable for op in g.consumers]
     candidates: list[float | None] = [None, *grid]
     scales = {(g.activation, c): group_scales(view, g, stats.amax[g.activation], c)
               for g in foldable for c in grid}
-    errors: dict[str, dict[float | None, float]] = {g.activation: {} for g in foldable}
-    for c in tqdm(candidates, desc="searching α per group", unit="α", disable=not progress, leave=False):
-        trial, ranges = {}, {}
-        for g in foldable:
-            if c is None:
-                ranges[g.activation] = smoothed_range(stats, g.activation)
-            else:
-                trial[g.activation] = scales[(g.activation, c)]
-                ranges[trial_input(g.activation)] = smoothed_range(stats, g.activation, trial[g.activation])
-        measured = {e.name: e.relative for e in measure_layer_errors(model, proto, ops, ranges, opset, config, data,
-                                                                     progress=False, trial_scales=trial)}
-        for g in foldable:
-            errors[g.activation][c] = float(sum(measured.get(op.name, np.inf) for op in g.consumers))
+
+    def trial(group: SmoothingGroup, c: float | None) -> Trial:
+        s = None if c is None else scales[(group.activation, c)]
+        return Trial(s, smoothed_range(stats, group.activation, 1.0 if s is None else s))
+
+    errors = measure_group_candidates(model, proto, foldable, candidates, trial, opset, config, data,
+                                      desc="searching α per group", progress=progress)
     planned, skipped, choices = [], [], []
     foldable_ids = {g.activation for g in foldable}
     for g in groups:

@@ -23,6 +23,7 @@ from calibrators.minmax import collect_channel_stats, inference_session
 from calibrators.stats import ChannelStats
 from passes.alpha_search import AlphaChoice, search_alpha
 from passes.check_trt import check_graph
+from passes.clip_search import ClipChoice, search_clipping
 from passes.config import QuantizationConfig, SmoothQuantConfig, Target
 from passes.errors import SmoothQuantError
 from passes.fold import SmoothingReport, fold_smoothing
@@ -44,6 +45,7 @@ class SmoothQuantResult:
     quant_report: QuantReport | None = None  # None: smooth only
     layer_errors: list[LayerError] = field(default_factory=list)  # measured when max_fp_layers > 0
     alpha_choices: list[AlphaChoice] = field(default_factory=list)  # with SmoothingConfig.alpha_grid
+    clip_choices: list[ClipChoice] = field(default_factory=list)  # with QuantizationConfig.clip_grid
     written: list[Path] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
 
@@ -80,7 +82,8 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
         raise SmoothQuantError(f"{out_path}: the output would overwrite the input model")
 
     messages = []
-    rereads = (config.quantization is not None and config.quantization.max_fp_layers > 0) \
+    rereads = (config.quantization is not None and (config.quantization.max_fp_layers > 0
+                                                    or config.quantization.clip_grid)) \
         or (config.smoothing.enabled and config.smoothing.alpha_grid)
     if rereads and calib is not None and not isinstance(calib, (str, os.PathLike)) and iter(calib) is calib:
         raise SmoothQuantError("--max-fp-layers and --alpha auto read the calibration data more than once: pass a "
@@ -106,6 +109,12 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
         if stats_out is not None:
             channel_stats.save(stats_out)
     planned, skipped, alpha_choices = _plan(loaded, view, groups, channel_stats, calib, config)
+    clip_choices = []
+    if not smooth_only and config.quantization.clip_grid:
+        clip_choices = search_clipping(loaded, loaded.proto, groups, planned, channel_stats,
+                                       opset_version(loaded.proto), config.quantization,
+                                       _calibration_data(loaded, calib, config), config.quantization.clip_grid,
+                                       progress=config.calibration.progress)
     report = fold_smoothing(view, planned, skipped)
     if linear_ops and not report.smoothed:
         messages.append(f"{loaded.path}: no smoothable pattern (norm or linear producer feeding linear ops); "
@@ -113,9 +122,9 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
     quant_report, layer_errors = None, []
     if not smooth_only:
         quant_report, layer_errors = _quantize(loaded, view, groups, planned, channel_stats, linear_ops, calib,
-                                               config, messages)
+                                               config, messages, {c.activation: c.ratio for c in clip_choices})
     result = SmoothQuantResult(loaded.proto, report, channel_stats, quant_report, layer_errors, alpha_choices,
-                               messages=messages)
+                               clip_choices, messages=messages)
     if write:
         result.written = save_model(loaded.proto, out_path, loaded.base_dir)
     return result
@@ -152,11 +161,11 @@ def _plan(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup], st
 
 def _quantize(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup], planned: list[PlannedGroup],
               stats: ChannelStats, linear_ops, calib: CalibSource | None, config: SmoothQuantConfig,
-              messages: list[str]) -> tuple[QuantReport, list[LayerError]]:
+              messages: list[str], clip: dict[str, float]) -> tuple[QuantReport, list[LayerError]]:
     """Exclusions, the sensitivity fallback, Q/DQ placement and the TensorRT self-check."""
     qconfig: QuantizationConfig = config.quantization
     opset = opset_version(loaded.proto)
-    ranges = tensor_ranges_after_smoothing(groups, planned, stats)
+    ranges = tensor_ranges_after_smoothing(groups, planned, stats, clip)
     kept_fp: list[tuple[str, str]] = []
     candidates = []
     for op in linear_ops:
@@ -189,15 +198,18 @@ def _quantize(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup]
     return quant_report, errors
 
 
-def tensor_ranges_after_smoothing(groups: list[SmoothingGroup], planned: list[PlannedGroup],
-                                  stats: ChannelStats) -> dict[str, ActivationRange]:
-    """Per-tensor range of each linear op's (current) input after smoothing (see :func:`smoothed_range`)."""
+def tensor_ranges_after_smoothing(groups: list[SmoothingGroup], planned: list[PlannedGroup], stats: ChannelStats,
+                                  clip: dict[str, float] | None = None) -> dict[str, ActivationRange]:
+    """Per-tensor range of each linear op's (current) input after smoothing (see :func:`smoothed_range`),
+    times the group's clipping ratio if one was chosen."""
     scales = {p.group.activation: p.scales for p in planned}
     ranges = {}
     for group in groups:
         if group.activation not in stats.amax:
             continue
         rng = smoothed_range(stats, group.activation, scales.get(group.activation, 1.0))
+        r = (clip or {}).get(group.activation, 1.0)
+        rng = ActivationRange(rng.lo * r, rng.hi * r)
         for op in group.consumers:
             ranges[op.node.input[0]] = rng
     return ranges

@@ -5,17 +5,19 @@ quantized twin reading the same FP input, so errors do not pile up from layer to
 
     Y~  = f(DQ(Q(X / s)), DQ(quant(s * W)))     (the Q/DQ the output model will have; s = 1
                                                  unless candidate smoothing scales are given)
-    e   = ReduceSumSquare(Y~ - Y)               one scalar per op and batch
-    r   = ReduceSumSquare(Y)
+    e_t = |Y~_t - Y_t|² / (|Y_t|² + tiny)       per token t (row of output channels)
+    e   = Σ_t e_t,  n = number of tokens         two scalars per op and batch
 
-Only scalars leave the session. Over the calibration set, ``SQNR = 10 log10(sum r / sum e)``
-dB. :func:`choose_fp_layers` keeps in FP the ops whose error is far above the rest.
+Only scalars leave the session. Every token weighs the same (a token with a 100x outlier
+does not drown the error of the others, as a plain |Y~ - Y|² / |Y|² would). Over the
+calibration set the op's relative error is ``Σ e / Σ n`` and ``SQNR = -10 log10`` of it.
+:func:`choose_fp_layers` keeps in FP the ops whose error is far above the rest.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -28,7 +30,7 @@ from calibrators.minmax import inference_session
 from passes.config import QuantizationConfig
 from passes.errors import SmoothQuantError
 from passes.graph import GraphView
-from passes.linear import LinearOp
+from passes.linear import LinearKind, LinearOp
 from passes.naming import NameFactory
 from passes.onnx_io import LoadedModel, TensorStore
 from passes.qdq import ActivationRange, quantize_linear_ops
@@ -40,8 +42,8 @@ OUTLIER_FACTOR = 4.0
 @dataclass(frozen=True)
 class LayerError:
     name: str  # the linear op's node name
-    error: float  # sum of squared output error over the calibration set
-    reference: float  # sum of squared FP output
+    error: float  # Σ over calibration tokens of |Y~_t - Y_t|² / |Y_t|²
+    reference: float  # number of tokens
 
     @property
     def relative(self) -> float:
@@ -81,11 +83,8 @@ def measure_layer_errors(model: LoadedModel, proto: onnx.ModelProto, ops: Sequen
         del twin.output[:]
         twin.output.append(names.unique(f"{original.output[0]}::sq_quantized"))
         y, yq = original.output[0], twin.output[0]
-        diff, err, ref = (names.unique(f"{y}::sq_{s}") for s in ("diff", "err", "ref"))
-        extra = [twin,
-                 helper.make_node("Sub", [yq, y], [diff], name=names.unique(f"{diff}::node")),
-                 helper.make_node("ReduceSumSquare", [diff], [err], keepdims=0, name=names.unique(f"{err}::node")),
-                 helper.make_node("ReduceSumSquare", [y], [ref], keepdims=0, name=names.unique(f"{ref}::node"))]
+        channel_axis = 1 if op.kind is LinearKind.CONV else -1
+        extra, err, ref = _token_error_nodes(names, twin, y, yq, channel_axis, opset, graph)
         for k, node in enumerate(extra):
             graph.node.insert(pos + 1 + k, node)
         twins.append(replace(op, node=graph.node[pos + 1]))
@@ -120,6 +119,74 @@ def measure_layer_errors(model: LoadedModel, proto: onnx.ModelProto, ops: Sequen
                                f"(an iterator can be read only once)")
     # Report in graph order.
     return [LayerError(name, float(e), float(r)) for (name, _, _), (e, r) in reversed(list(zip(fetch, totals)))]
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One candidate for one group: smoothing scales to try (None: none) and the range of X / s."""
+
+    scales: np.ndarray | None
+    range: ActivationRange
+
+
+def measure_group_candidates(model: LoadedModel, proto: onnx.ModelProto, groups: Sequence, candidates: Sequence,
+                             trial: Callable[[object, object], Trial], opset: int, config: QuantizationConfig,
+                             data: CalibrationData, *, desc: str,
+                             progress: bool = True) -> dict[str, dict[object, float]]:
+    """``E_G(c)``: the sum of relative quantized-output errors of group G's ops under candidate c.
+
+    One pass over ``data`` per candidate; ops whose activation range is unusable count as inf.
+    """
+    ops = [op for g in groups for op in g.consumers]
+    errors: dict[str, dict[object, float]] = {g.activation: {} for g in groups}
+    for c in tqdm(candidates, desc=desc, unit="candidate", disable=not progress, leave=False):
+        scales, ranges = {}, {}
+        for g in groups:
+            t = trial(g, c)
+            if t.scales is None:
+                ranges[g.activation] = t.range
+            else:
+                scales[g.activation] = t.scales
+                ranges[trial_input(g.activation)] = t.range
+        measured = {e.name: e.relative for e in measure_layer_errors(model, proto, ops, ranges, opset, config, data,
+                                                                     progress=False, trial_scales=scales)}
+        for g in groups:
+            errors[g.activation][c] = float(sum(measured.get(op.name, np.inf) for op in g.consumers))
+    return errors
+
+
+def _token_error_nodes(names: NameFactory, twin: onnx.NodeProto, y: str, yq: str, channel_axis: int, opset: int,
+                       graph: onnx.GraphProto) -> tuple[list[onnx.NodeProto], str, str]:
+    """Nodes computing (Σ_t e_t, n) for outputs ``y`` (FP) and ``yq`` (quantized twin), in float32."""
+    def t(tag: str) -> str:
+        return names.unique(f"{y}::sq_{tag}")
+
+    def node(op: str, inputs: list[str], out: str, **attrs) -> onnx.NodeProto:
+        return helper.make_node(op, inputs, [out], name=names.unique(f"{out}::node"), **attrs)
+
+    def reduce(op: str, inp: str, out: str, axes: list[int]) -> onnx.NodeProto:
+        if opset >= 18 or op == "ReduceSum" and opset >= 13:
+            axes_name = t("axes")
+            graph.initializer.append(onnx.numpy_helper.from_array(np.array(axes, dtype=np.int64), axes_name))
+            return node(op, [inp, axes_name], out, keepdims=0)
+        return node(op, [inp], out, axes=axes, keepdims=0)
+
+    y32, yq32, diff, e_rows, r_rows, r_safe, rel, err, ones, ref = (
+        t(x) for x in ("y32", "yq32", "diff", "e_rows", "r_rows", "r_safe", "rel", "err", "ones", "ref"))
+    tiny = t("tiny")
+    graph.initializer.append(onnx.numpy_helper.from_array(np.array(1e-30, dtype=np.float32), tiny))
+    nodes = [twin,
+             node("Cast", [y], y32, to=onnx.TensorProto.FLOAT),
+             node("Cast", [yq], yq32, to=onnx.TensorProto.FLOAT),
+             node("Sub", [yq32, y32], diff),
+             reduce("ReduceSumSquare", diff, e_rows, [channel_axis]),
+             reduce("ReduceSumSquare", y32, r_rows, [channel_axis]),
+             node("Add", [r_rows, tiny], r_safe),
+             node("Div", [e_rows, r_safe], rel),
+             node("ReduceSum", [rel], err, keepdims=0),
+             node("Size", [rel], ones),
+             node("Cast", [ones], ref, to=onnx.TensorProto.FLOAT)]
+    return nodes, err, ref
 
 
 def trial_input(activation: str) -> str:

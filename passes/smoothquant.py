@@ -14,6 +14,7 @@ from passes.config import (CalibrationConfig, Precision, QuantizationConfig, Smo
 from calibrators.data import model_inputs
 from calibrators.text import TextLayout, load_tokenizer, read_text_file, text_feeds
 from passes.alpha_search import DEFAULT_GRID
+from passes.clip_search import DEFAULT_CLIP_GRID
 from passes.onnx_io import load_model
 from passes.build_engine import add_engine_arguments, build_prepared, engine_config_from_args, import_tensorrt, prepare
 from passes.errors import SmoothQuantError
@@ -58,6 +59,11 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-fp-layers", type=int, default=0, metavar="N",
                    help="keep up to N linear ops in FP whose quantized output error on the calibration data is "
                         "far above the rest (one more pass over the data)")
+    p.add_argument("--clip", choices=["max", "search"], default="max",
+                   help="activation ranges: the calibrated max, or per group the fraction of it (--clip-grid) whose "
+                        "quantized output error on the calibration data is lowest")
+    p.add_argument("--clip-grid", default=",".join(f"{r:g}" for r in DEFAULT_CLIP_GRID),
+                   help="ratios for --clip search, comma-separated")
     p.add_argument("--no-check", action="store_true",
                    help="do not run the TensorRT rule checker on the output (--target tensorrt)")
     p.add_argument("--smooth-only", action="store_true", help="write the smoothed and folded FP model, no Q/DQ")
@@ -90,13 +96,21 @@ def _smoothing_config(args: argparse.Namespace) -> SmoothingConfig:
                            enabled=not args.no_smoothing)
 
 
+def _ratios(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(r) for r in text.split(","))
+    except ValueError:
+        raise SmoothQuantError(f"--clip-grid {text!r}: expected comma-separated numbers in (0, 1]") from None
+
+
 def config_from_args(args: argparse.Namespace) -> SmoothQuantConfig:
     return SmoothQuantConfig(
         smoothing=_smoothing_config(args),
         calibration=CalibrationConfig(batch_size=args.batch_size, progress=not args.quiet),
         quantization=None if args.smooth_only else QuantizationConfig(
             precision=Precision(args.precision), target=Target(args.target), weights=WeightStorage(args.weights),
-            exclude=tuple(args.exclude), max_fp_layers=args.max_fp_layers, check=not args.no_check),
+            exclude=tuple(args.exclude), max_fp_layers=args.max_fp_layers, check=not args.no_check,
+            clip_grid=_ratios(args.clip_grid) if args.clip == "search" else ()),
     )
 
 

@@ -45,13 +45,14 @@ def three_matmuls(tmp_path, seed=0):
 
 
 def fake_quant_error(x: np.ndarray, w: np.ndarray) -> float:
-    """Relative squared output error of symmetric INT8 W8A8 (per-tensor x, per-column w), in NumPy."""
+    """Mean over tokens of the relative squared output error of symmetric INT8 W8A8 (per-tensor x,
+    per-column w), in NumPy."""
     a = np.abs(x).max() / 127
     xq = np.clip(np.round(x / a), -127, 127) * a
     ws = per_channel_weight_scale(w, 1)
     wq = np.clip(np.round(w / ws), -127, 127) * ws
     y = x.astype(np.float64) @ w
-    return float(((xq @ wq - y) ** 2).sum() / (y ** 2).sum())
+    return float((((xq @ wq - y) ** 2).sum(1) / (y ** 2).sum(1)).mean())
 
 
 def test_layer_errors_match_numpy_and_fallback_keeps_the_outlier_layer(tmp_path):
@@ -190,7 +191,7 @@ def test_cli_options(demo_dir, tmp_path, capsys):
     assert main([str(demo_dir / "tiny_llama.onnx"), "-o", str(out), "-q", "--max-fp-layers", "1",
                  "--exclude", "linear_1$", "--target", "onnxruntime", "--weights", "float"]) == 0
     text = capsys.readouterr().out
-    assert "lowest per-layer SQNR" in text and "14 linear ops quantized" in text
+    assert "lowest per-layer SQNR" in text and "13 linear ops quantized (INT8 W8A8), 2 kept in FP" in text
     assert main([str(demo_dir / "tiny_llama.onnx"), "-o", str(tmp_path / "x.onnx"), "--exclude", "("]) == 1
     assert "not a regular expression" in capsys.readouterr().err
     assert main([str(demo_dir / "tiny_llama.onnx"), "-o", str(tmp_path / "x.onnx"), "--precision", "fp8",
@@ -234,3 +235,23 @@ def test_no_smoothing_baseline(tmp_path):
     assert len(result.quant_report.quantized) == 2
     weights = {t.name for t in onnx.load(str(tmp_path / "q.onnx")).graph.initializer}
     assert "gamma" in weights  # untouched
+
+
+def test_clip_search_ignores_a_single_token_outlier(tmp_path):
+    """One token 300x larger sets max calibration's step; the search clips it and the error drops."""
+    path, weights, feeds = three_matmuls(tmp_path)
+    feeds = {k: v.copy() for k, v in feeds.items()}
+    feeds["x_b"] = np.random.default_rng(5).normal(0, 1, (64, 16)).astype(np.float32)
+    feeds["x_b"][7] *= 300  # one token, every channel (smoothing cannot help: it is per channel)
+    searched = run_smoothquant(path, tmp_path / "clip.onnx", calib=[feeds],
+                               config=config(clip_grid=(1.0, 0.5, 0.1, 0.02), max_fp_layers=1))
+    choice = {c.activation: c for c in searched.clip_choices}
+    assert choice["x_b"].ratio < 1.0 and choice["x_b"].errors[choice["x_b"].ratio] < 0.5 * choice["x_b"].errors[1.0]
+    assert all(c.errors[c.ratio] == min(c.errors.values()) for c in searched.clip_choices)
+    plain = run_smoothquant(path, tmp_path / "max.onnx", calib=[feeds], config=config(max_fp_layers=1))
+    # The per-layer errors after quantization (measured by the fallback pass) agree with the search.
+    err = {e.name: e.relative for e in searched.layer_errors}, {e.name: e.relative for e in plain.layer_errors}
+    assert err[0]["mm_b"] < 0.5 * err[1]["mm_b"]
+    np.testing.assert_allclose(err[0]["mm_b"], choice["x_b"].errors[choice["x_b"].ratio], rtol=1e-3)
+    with pytest.raises(SmoothQuantError, match="clipping ratios"):
+        QuantizationConfig(clip_grid=(0.0,))
