@@ -38,12 +38,12 @@ def rand_q(shape, fp8: bool, device="cuda"):
     return torch.randint(-127, 128, shape, device=device, dtype=torch.int8)
 
 
-def gemm_error(m, k, n, fp8: bool) -> float:
+def gemm_error(m, k, n, fp8: bool, **kw) -> float:
     a, b = rand_q((m, k), fp8), rand_q((n, k), fp8)
     sa = torch.rand(m, device="cuda") * 1e-3 + 1e-4
     sb = torch.rand(n, device="cuda") * 1e-3 + 1e-4
     bias = torch.randn(n, device="cuda")
-    out = tk.w8a8_gemm(a, sa, b, sb, bias)
+    out = tk.w8a8_gemm(a, sa, b, sb, bias, **kw)
     ref = (a.double() @ b.double().T) * sa.double()[:, None] * sb.double()[None, :] + bias.double()[None, :]
     if torch.isnan(out).any():
         return float("nan")
@@ -92,6 +92,7 @@ def gemm_row(m, k, n) -> dict:
         "fp16_cublas": bench(lambda: a16 @ b16.T),
         "ours_int8": bench(lambda: tk.w8a8_gemm(ai, sa, bi, sb)),
         "ours_fp8": bench(lambda: tk.w8a8_gemm(af, sa, bf, sb)),
+        "ours_fp8_precise": bench(lambda: tk.w8a8_gemm(af, sa, bf, sb, precise=True)),
         "torch_int_mm": bench(lambda: torch._int_mm(ai, bi.T)),
         "torch_scaled_mm": bench(lambda: torch._scaled_mm(af, bf.T, one, one, out_dtype=torch.float16)),
     }
@@ -142,8 +143,7 @@ class Layer:
         attn = self.attention(linear(qx, sx, "qkv"), t)
         x = x + linear(*tk.quantize_per_token(attn, fp8), "o")
         qx, sx = tk.norm_quantize(x, self.g2, eps=1e-6, fp8=fp8)
-        g, u = linear(qx, sx, "gate_up").chunk(2, dim=1)
-        return x + linear(*tk.quantize_per_token((F.silu(g) * u).contiguous(), fp8), "down")
+        return x + linear(*tk.silu_mul_quantize(linear(qx, sx, "gate_up"), fp8), "down")
 
 
 def main(argv=None) -> int:
@@ -159,22 +159,34 @@ def main(argv=None) -> int:
     checks = []
     for m, k, n in shapes + AWKWARD:
         for fp8 in (False, True):
-            checks.append({"check": "gemm", "M": m, "K": k, "N": n, "fp8": fp8, "rel_err": gemm_error(m, k, n, fp8)})
+            for impl in ("tma", "classic"):
+                checks.append({"check": "gemm" if not fp8 else "gemm_fp8_fast", "impl": impl, "M": m, "K": k,
+                               "N": n, "fp8": fp8, "rel_err": gemm_error(m, k, n, fp8, impl=impl)})
+            if fp8:
+                checks.append({"check": "gemm", "impl": "auto", "M": m, "K": k, "N": n, "fp8": fp8,
+                               "precise": True, "rel_err": gemm_error(m, k, n, fp8, precise=True)})
     for m, k in ((1, 4096), (77, 4096), (8192, 4096), (4096, 14336), (3, 11008)):
         for fp8 in (False, True):
+            gu = torch.randn(m, 2 * k, device="cuda", dtype=torch.float16)
+            q, s = tk.silu_mul_quantize(gu, fp8)
+            h = F.silu(gu[:, :k].double()) * gu[:, k:].double()
+            checks.append({"check": "silu_mul_quantize", "M": m, "K": k, "fp8": fp8,
+                           "rel_err": float((q.double() * s.double()[:, None] - h).norm() / h.norm())})
             differ, scale_err = quantize_mismatch(m, k, fp8)
             checks.append({"check": "quantize_per_token", "M": m, "K": k, "fp8": fp8, "codes_differ": differ,
                            "scale_rel_err": scale_err})
             checks.append({"check": "norm_quantize", "M": m, "K": k, "fp8": fp8,
                            "rel_err": norm_quant_error(m, k, fp8)})
     result["checks"] = checks
-    bad = [c for c in checks if not (c.get("rel_err", 0) <= (0.1 if c["check"] == "norm_quantize" else 1e-3)
+    bound = {"norm_quantize": 0.1, "silu_mul_quantize": 0.1, "gemm_fp8_fast": 2e-3}
+    bad = [c for c in checks if not (c.get("rel_err", 0) <= bound.get(c["check"], 1e-3)
                                      and c.get("codes_differ", 0) <= 1e-3 and c.get("scale_rel_err", 0) <= 1e-6)]
     print(f"{card}: {len(checks)} correctness checks, {len(bad)} failed", flush=True)
     for c in bad:
         print("  FAILED", c, flush=True)
-    worst = max(c["rel_err"] for c in checks if c["check"] == "gemm")
-    print(f"  worst GEMM relative error vs float64: {worst:.2e}", flush=True)
+    for kind in ("gemm", "gemm_fp8_fast"):
+        worst = max(c["rel_err"] for c in checks if c["check"] == kind)
+        print(f"  worst {kind} relative error vs float64: {worst:.2e}", flush=True)
 
     rows = [gemm_row(m, k, n) for m, k, n in shapes]
     result["gemm"] = rows
@@ -196,11 +208,12 @@ def main(argv=None) -> int:
             json.dump(result, f, indent=1)
 
     print(f"\nGEMM TFLOP/s on {card} (ratio to fp16 cuBLAS)")
-    print(f"{'M':>6} {'K':>6} {'N':>6} {'fp16':>7} {'ours int8':>14} {'ours fp8':>14} {'_int_mm':>14} {'_scaled_mm':>14}")
+    cols = ("ours_int8", "torch_int_mm", "ours_fp8", "ours_fp8_precise", "torch_scaled_mm")
+    print(f"{'M':>6} {'K':>6} {'N':>6} {'fp16':>6} " + " ".join(f"{c[:16]:>16}" for c in cols))
     for r in rows:
         base = r["fp16_cublas"]
-        cells = [f"{r[k]:>6} ({r[k] / base:.2f}x)" for k in ("ours_int8", "ours_fp8", "torch_int_mm", "torch_scaled_mm")]
-        print(f"{r['M']:>6} {r['K']:>6} {r['N']:>6} {base:>7} " + " ".join(f"{c:>14}" for c in cells))
+        cells = [f"{r[k]:.0f} ({r[k] / base:.2f}x)" for k in cols]
+        print(f"{r['M']:>6} {r['K']:>6} {r['N']:>6} {base:>6.0f} " + " ".join(f"{c:>16}" for c in cells))
     print("\nDecoder layer prefill, 8192 tokens, hidden 4096")
     for r in layer_rows:
         print(f"  {r['precision']}: fp16 {r['fp16_ms']} ms, ours {r['ours_ms']} ms, {r['speedup']}x, "

@@ -91,3 +91,9 @@ def norm_quantize(x: np.ndarray, gamma: np.ndarray, qtype: QType, beta: np.ndarr
     """RMSNorm (``beta`` None) or LayerNorm, then per-token quantize."""
     h = rms_norm(x, gamma, eps) if beta is None else layer_norm(x, gamma, beta, eps)
     return quantize_per_token(h.astype(np.float32), qtype)
+
+
+def silu_mul_quantize(gate_up: np.ndarray, qtype: QType) -> tuple[np.ndarray, np.ndarray]:
+    """SwiGLU ``silu(g) * u`` of ``[g | u]`` (``gate_up`` [M, 2I]), then per-token quantize."""
+    g, u = np.split(gate_up.astype(np.float64), 2, axis=1)
+    return quantize_per_token((g / (1 + np.exp(-g)) * u).astype(np.float32), qtype)

@@ -107,3 +107,18 @@ def test_triton_quantize_and_norm_match_reference(fp8):
     qn_ref, sn_ref = norm_quantize(x, g, qtype, eps=1e-6)
     np.testing.assert_allclose(sn.cpu().numpy(), sn_ref, rtol=1e-4)
     assert (qn.float().cpu().numpy() != qn_ref.astype(np.float32)).mean() < 1e-2
+
+
+@gpu
+@pytest.mark.parametrize("fp8", [False, True])
+def test_triton_silu_mul_quantize_matches_reference(fp8):
+    import torch
+
+    from plugins import triton_kernels as tk
+    from plugins.reference import silu_mul_quantize
+
+    gu = np.random.default_rng(4).normal(size=(19, 2 * 11008)).astype(np.float32) * 3
+    q, s = tk.silu_mul_quantize(torch.from_numpy(gu).cuda(), fp8)
+    q_ref, s_ref = silu_mul_quantize(gu, QType.FP8 if fp8 else QType.INT8)
+    np.testing.assert_allclose(s.cpu().numpy(), s_ref, rtol=1e-5)
+    assert (q.float().cpu().numpy() != q_ref.astype(np.float32)).mean() < 1e-2
