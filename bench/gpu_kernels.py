@@ -9,7 +9,8 @@
    shape and at awkward ones (M=1, M not a multiple of the tile, K=N=11008).
 2. GEMMs at prefill shapes: torch fp16 matmul (cuBLAS), ours INT8 and FP8 (Triton), and
    torch._int_mm (INT8) and torch._scaled_mm (FP8) (cuBLASLt), TFLOP/s and ratio to fp16,
-   all timed in this one run (triton.testing.do_bench, median).
+   all timed in this one run from CUDA-graph replays (triton.testing.do_bench_cudagraph,
+   median), so Python launch overhead is out of every number alike.
 3. A Llama-style decoder layer prefill (hidden 4096, 32 heads, MLP 14336, 8192 tokens):
    fp16 torch vs ours (fused RMSNorm+quantize, per-token quantize, W8A8 linears; attention is
    the same fp16 SDPA in both).
@@ -79,7 +80,10 @@ def tflops(m, k, n, ms):
 
 
 def bench(fn):
-    return triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
+    """Median ms of ``fn`` replayed from a CUDA graph (launch overhead out, for every variant alike)."""
+    fn()  # autotune / compile outside the capture
+    torch.cuda.synchronize()
+    return triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
 
 
 def gemm_row(m, k, n) -> dict:

@@ -84,7 +84,8 @@ def test_triton_gemm_matches_reference(m, k, n, fp8):
         return t.view(dtype) if dtype is not None else t
 
     out = tk.w8a8_gemm(dev(qx, dt), dev(sx), dev(qw, dt), dev(sw), dev(bias)).double().cpu().numpy()
-    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-3  # fp16 output rounding: ~3e-4
+    # fp16 output rounding gives ~3e-4; FP8 MMA's fast accumulation (the default) up to 1.4e-3 at K=14336
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < (2e-3 if fp8 else 1e-3)
 
 
 @gpu
