@@ -28,6 +28,13 @@ class Target(enum.Enum):
     ONNXRUNTIME = "onnxruntime"  # asymmetric uint8 activations, int8 weights: ORT CPU fuses every MatMul
 
 
+class Granularity(enum.Enum):
+    """Activation scales: one per tensor, calibrated (static, "O3"), or one per token at run time ("O1")."""
+
+    PER_TENSOR = "per-tensor"
+    PER_TOKEN = "per-token"
+
+
 class WeightStorage(enum.Enum):
     QUANTIZED = "quantized"  # int8/float8 initializer + DequantizeLinear (file ~4x smaller than fp32)
     FLOAT = "float"  # FP initializer + QuantizeLinear -> DequantizeLinear (weights stay editable)
@@ -76,6 +83,7 @@ class QuantizationConfig:
     max_fp_layers: int = 0
     check: bool = True
     clip_grid: tuple[float, ...] = ()  # ratios of the calibrated range to try per group; () = max calibration
+    granularity: Granularity = Granularity.PER_TENSOR
 
     def __post_init__(self):
         if any(not 0.0 < r <= 1.0 for r in self.clip_grid):
@@ -87,8 +95,15 @@ class QuantizationConfig:
                 raise SmoothQuantError(f"--exclude {pattern!r} is not a regular expression: {e}") from None
         if self.max_fp_layers < 0:
             raise SmoothQuantError(f"max FP layers must be >= 0, got {self.max_fp_layers}")
-        if self.target is Target.ONNXRUNTIME and self.precision is Precision.FP8:
-            raise SmoothQuantError("ONNX Runtime has no FP8 GEMM kernels on CPU: use --target tensorrt for fp8")
+        per_token = self.granularity is Granularity.PER_TOKEN
+        if self.target is Target.ONNXRUNTIME and self.precision is Precision.FP8 and not per_token:
+            raise SmoothQuantError("ONNX Runtime has no FP8 GEMM kernels on CPU: use --target tensorrt for fp8 "
+                                   "(or --granularity per-token, lowered to float ops)")
+        if per_token and (self.max_fp_layers or self.clip_grid):
+            raise SmoothQuantError("--max-fp-layers and --clip search measure static per-tensor ranges: they do not "
+                                   "apply to --granularity per-token")
+        if per_token and self.weights is WeightStorage.FLOAT:
+            raise SmoothQuantError("--weights float applies to Q/DQ (per-tensor) placement only")
 
     def excluded(self, node_name: str) -> str | None:
         """The first pattern that matches ``node_name``, if any."""

@@ -24,12 +24,14 @@ from calibrators.stats import ChannelStats
 from passes.alpha_search import AlphaChoice, search_alpha
 from passes.check_trt import check_graph
 from passes.clip_search import ClipChoice, search_clipping
-from passes.config import QuantizationConfig, SmoothQuantConfig, Target
+from passes.config import Granularity, QuantizationConfig, SmoothQuantConfig, Target
 from passes.errors import SmoothQuantError
 from passes.fold import SmoothingReport, fold_smoothing
 from passes.graph import GraphView, opset_version
 from passes.linear import find_linear_ops
 from passes.onnx_io import LoadedModel, TensorStore, load_model, save_model
+from passes.per_token import quantize_per_token
+from plugins import schema as plugin_schema
 from passes.qdq import FORMATS, ActivationRange, QuantReport, quantize_linear_ops
 from passes.sensitivity import LayerError, choose_fp_layers, measure_layer_errors
 from passes.smooth import PlannedGroup, SmoothingGroup, find_groups, plan_smoothing, smoothed_range, stat_targets
@@ -178,6 +180,14 @@ def _quantize(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup]
         if not any(re.search(pattern, op.name) for op in linear_ops):
             messages.append(f"--exclude {pattern!r} matches no linear op (names look like {linear_ops[0].name!r})"
                             if linear_ops else f"--exclude {pattern!r} matches no linear op")
+    if qconfig.granularity is Granularity.PER_TOKEN:
+        quant_report = quantize_per_token(view, candidates, opset, qconfig)
+        quant_report.skipped[:0] = kept_fp
+        if qconfig.target is Target.TENSORRT and quant_report.quantized:
+            model_opsets = loaded.proto.opset_import
+            if not any(i.domain == plugin_schema.DOMAIN for i in model_opsets):
+                model_opsets.append(onnx.helper.make_opsetid(plugin_schema.DOMAIN, plugin_schema.VERSION))
+        return quant_report, []
     errors: list[LayerError] = []
     if qconfig.max_fp_layers > 0:
         data = _calibration_data(loaded, calib, config)

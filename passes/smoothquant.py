@@ -9,7 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from passes.config import (CalibrationConfig, Precision, QuantizationConfig, SmoothingConfig, SmoothQuantConfig,
+from passes.config import (CalibrationConfig, Granularity, Precision, QuantizationConfig, SmoothingConfig, SmoothQuantConfig,
                            Target, Unfoldable, WeightStorage)
 from calibrators.data import model_inputs
 from calibrators.text import TextLayout, load_tokenizer, read_text_file, text_feeds
@@ -48,6 +48,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="groups no constant can absorb: skip them, or insert one explicit Mul")
     p.add_argument("--precision", choices=[x.value for x in Precision], default=Precision.INT8.value,
                    help="W8A8 format: int8 (symmetric) or fp8 (E4M3FN; raises the opset to 19)")
+    p.add_argument("--granularity", choices=[g.value for g in Granularity], default=Granularity.PER_TENSOR.value,
+                   help="activation scales: per-tensor (static, calibrated Q/DQ) or per-token (computed at run time: "
+                        "standard ops with --target onnxruntime, com.smoothquant custom ops for the TensorRT plugins)")
     p.add_argument("--target", choices=[t.value for t in Target], default=Target.TENSORRT.value,
                    help="runtime the Q/DQ are shaped for: tensorrt (symmetric, zero points 0) or onnxruntime "
                         "(asymmetric uint8 activations, which ORT's CPU kernels fuse)")
@@ -110,7 +113,8 @@ def config_from_args(args: argparse.Namespace) -> SmoothQuantConfig:
         quantization=None if args.smooth_only else QuantizationConfig(
             precision=Precision(args.precision), target=Target(args.target), weights=WeightStorage(args.weights),
             exclude=tuple(args.exclude), max_fp_layers=args.max_fp_layers, check=not args.no_check,
-            clip_grid=_ratios(args.clip_grid) if args.clip == "search" else ()),
+            clip_grid=_ratios(args.clip_grid) if args.clip == "search" else (),
+            granularity=Granularity(args.granularity)),
     )
 
 

@@ -97,11 +97,16 @@ def _row_launch(x: torch.Tensor) -> tuple[int, int, int]:
     return m, k, block
 
 
-def quantize_per_token(x: torch.Tensor, fp8: bool = False, smooth: torch.Tensor | None = None):
-    """``x`` [M, K] fp16/bf16/fp32 -> (q [M, K] int8 or float8_e4m3fn, scale [M] fp32)."""
+def quantize_per_token(x: torch.Tensor, fp8: bool = False, smooth: torch.Tensor | None = None,
+                       out: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """``x`` [M, K] fp16/bf16/fp32 -> (q [M, K] int8 or float8_e4m3fn, scale [M] fp32); ``out``:
+    buffers to write into (a plugin's outputs)."""
     m, k, block = _row_launch(x)
-    q = torch.empty((m, k), dtype=_qdtype(fp8), device=x.device)
-    scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    if out is None:
+        q = torch.empty((m, k), dtype=_qdtype(fp8), device=x.device)
+        scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    else:
+        q, scale = out
     warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
     _quantize_rows[(m,)](x, smooth if smooth is not None else x, q, scale, k, x.stride(0),
                          HAS_V=smooth is not None, IS_FP8=fp8, BLOCK=block, num_warps=warps)
@@ -256,7 +261,7 @@ def _tma_allocator(size: int, alignment: int, stream):
 
 def w8a8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
               bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16, *,
-              impl: str = "auto", precise: bool = False) -> torch.Tensor:
+              impl: str = "auto", precise: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """``a`` [M, K] and ``b`` [N, K], both int8 or both float8_e4m3fn -> [M, N] ``out_dtype``.
 
     ``impl``: ``tma`` (persistent, TMA descriptors; needs Hopper and K, N multiples of 16),
@@ -271,7 +276,7 @@ def w8a8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: 
         raise ValueError(f"expected contiguous a [M, K] and b [N, K], got {tuple(a.shape)} and {tuple(b.shape)}")
     m, k = a.shape
     n = b.shape[0]
-    c = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    c = torch.empty((m, n), dtype=out_dtype, device=a.device) if out is None else out
     fp8 = a.dtype == torch.float8_e4m3fn
     bias_arg = bias if bias is not None else b_scale
     sms = _num_sms(a.device)
