@@ -29,6 +29,9 @@ import onnx
 from passes.check_trt import check_model
 from passes.errors import SmoothQuantError
 from passes.onnx_io import LoadedModel, load_model
+from plugins import schema
+
+PLUGINS_MODULE = "plugins.trt_plugins"
 
 INSTALL_HINT = ("TensorRT's Python package is not installed: pip install 'smoothquant-onnx[tensorrt]' "
                 "(or pip install tensorrt --extra-index-url https://pypi.nvidia.com) on a machine with an NVIDIA GPU")
@@ -129,7 +132,10 @@ def trtexec_command(model: Path, engine: Path, config: EngineConfig) -> str:
     if config.workspace_mib is not None:
         args.append(f"--memPoolSize=workspace:{config.workspace_mib}M")
     args += [f"--staticPlugins={lib}" for lib in config.plugins]
-    return " ".join(shlex.quote(a) for a in args)
+    command = " ".join(shlex.quote(a) for a in args)
+    if config.python_plugins:
+        command += "  # Python plugins (" + ", ".join(config.python_plugins) + ") load only through the Python API"
+    return command
 
 
 def import_tensorrt():
@@ -173,7 +179,10 @@ def build_prepared(loaded: LoadedModel, engine: str | os.PathLike, config: Engin
     registry = trt.get_plugin_registry()
     for lib in config.plugins:
         registry.load_library(str(lib))
-    for module in config.python_plugins:
+    modules = list(config.python_plugins)
+    if any(n.domain == schema.DOMAIN for n in loaded.proto.graph.node) and PLUGINS_MODULE not in modules:
+        modules.append(PLUGINS_MODULE)  # per-token models need our plugins
+    for module in modules:
         importlib.import_module(module)  # registers its ops through tensorrt.plugin decorators
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
