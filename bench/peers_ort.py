@@ -1,0 +1,124 @@
+"""all-MiniLM-L6-v2: our INT8 against ONNX Runtime's own quantizers, side by side in one run.
+
+    python -m bench.peers_ort [--out models/real] [--rounds 20] [--json OUT.json]
+
+Same model file, same calibration set (128 handbook paragraphs) and held-out set (256). Each
+tool quantizes in a fresh process (wall time and peak RSS of that process); then every
+candidate is evaluated here: cosine of mean-pooled sentence embeddings vs fp32, and ORT CPU
+latency of one 8 x 128 batch timed alternately with fp32 (speed-up = fp32 / candidate).
+
+Peers (onnxruntime.quantization, the version installed beside this package):
+``quantize_static`` QDQ per-channel symmetric int8 weights, MatMul only, with int8 symmetric
+or uint8 asymmetric activations (MinMax calibration); ``quantize_dynamic`` int8. NNCF, ORT's
+SmoothQuant (neural-compressor 3.7.1) and ModelOpt need their own environments and are not run
+by this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOLS = ["ours int8 α auto --target onnxruntime", "ours int8 α=0.9 (TensorRT placement)",
+         "ort quantize_static s8/s8 per-channel", "ort quantize_static u8/s8 per-channel", "ort quantize_dynamic"]
+
+
+def quantize(tool: str, model: Path, calib: Path, out: Path) -> None:
+    from calibrators import CalibrationData  # noqa: PLC0415
+
+    if tool.startswith("ours"):
+        from bench.minilm import GRID  # noqa: PLC0415
+        from passes import CalibrationConfig, QuantizationConfig, SmoothingConfig, SmoothQuantConfig, run_smoothquant  # noqa: PLC0415
+        from passes.config import Target  # noqa: PLC0415
+
+        if "auto" in tool:
+            cfg = SmoothQuantConfig(SmoothingConfig(alpha_grid=GRID), CalibrationConfig(progress=False),
+                                    QuantizationConfig(target=Target.ONNXRUNTIME))
+        else:
+            cfg = SmoothQuantConfig(SmoothingConfig(0.9), CalibrationConfig(progress=False), QuantizationConfig())
+        run_smoothquant(model, out, calib=calib, config=cfg)
+        return
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,  # noqa: PLC0415
+                                          quantize_dynamic, quantize_static)
+
+    if tool == "ort quantize_dynamic":
+        quantize_dynamic(str(model), str(out), weight_type=QuantType.QInt8)
+        return
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(CalibrationData(calib, 8).batches())
+
+        def get_next(self):
+            return next(self.it, None)
+
+    s8 = "s8/s8" in tool
+    quantize_static(str(model), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                    activation_type=QuantType.QInt8 if s8 else QuantType.QUInt8,
+                    extra_options={"ActivationSymmetric": s8, "WeightSymmetric": True})
+
+
+def child(tool: str, out_dir: str, target: str) -> dict:
+    from bench.calib_memory import peak_rss_kb  # noqa: PLC0415
+    from models.export import export  # noqa: PLC0415
+
+    model = export("minilm", Path(out_dir))
+    start = time.perf_counter()
+    quantize(tool, model, model.with_name("minilm.calib.npz"), Path(target))
+    return {"seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": round(peak_rss_kb() / 1024, 1)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="models/real")
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--json")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--target", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.out, args.target)))
+        return 0
+    import onnxruntime  # noqa: PLC0415
+
+    from models.export import export  # noqa: PLC0415
+    from passes.evaluate import Task, evaluate  # noqa: PLC0415
+
+    model = export("minilm", Path(args.out))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, tool in enumerate(TOOLS):
+            target = Path(tmp) / f"q{i}.onnx"
+            done = subprocess.run([sys.executable, "-m", "bench.peers_ort", "--child", tool, "--out", args.out,
+                                   "--target", str(target)], capture_output=True, text=True, cwd=ROOT)
+            if done.returncode != 0:
+                rows.append({"tool": tool, "error": done.stderr.strip().splitlines()[-1][:200]})
+                continue
+            cost = json.loads(done.stdout.strip().splitlines()[-1])
+            m = evaluate(model, target, model.with_name("minilm.eval.npz"), task=Task.ENCODER, batch_size=8,
+                         latency_rounds=args.rounds).metrics
+            rows.append({"tool": tool, **cost, "cos_mean": round(m["cosine_mean"], 5),
+                         "cos_min": round(m["cosine_min"], 4), "speedup": round(m["speedup"], 2)})
+            print(f"done: {tool}", flush=True)
+    print(f"\nall-MiniLM-L6-v2, onnxruntime {onnxruntime.__version__}, 256 held-out paragraphs")
+    print(f"{'tool':<40} {'quant s':>7} {'peak RSS MB':>11} {'cos mean':>9} {'cos min':>8} {'speed-up':>8}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['tool']:<40} failed: {r['error']}")
+            continue
+        print(f"{r['tool']:<40} {r['seconds']:>7} {r['peak_rss_mb']:>11} {r['cos_mean']:>9.5f} {r['cos_min']:>8.4f} "
+              f"{r['speedup']:>7}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
