@@ -1,6 +1,6 @@
-"""all-MiniLM-L6-v2: our INT8 against ONNX Runtime's own quantizers, side by side in one run.
+"""all-MiniLM-L6-v2: our INT8 against ONNX Runtime's quantizers and NNCF, side by side in one run.
 
-    python -m bench.peers_ort [--out models/real] [--rounds 20] [--json OUT.json]
+    python -m bench.peers_ort [--out models/real] [--rounds 20] [--nncf-venv DIR] [--json OUT.json]
 
 Same model file, same calibration set (128 handbook paragraphs) and held-out set (256). Each
 tool quantizes in a fresh process (wall time and peak RSS of that process); then every
@@ -9,9 +9,11 @@ latency of one 8 x 128 batch timed alternately with fp32 (speed-up = fp32 / cand
 
 Peers (onnxruntime.quantization, the version installed beside this package):
 ``quantize_static`` QDQ per-channel symmetric int8 weights, MatMul only, with int8 symmetric
-or uint8 asymmetric activations (MinMax calibration); ``quantize_dynamic`` int8. NNCF, ORT's
-SmoothQuant (neural-compressor 3.7.1) and ModelOpt need their own environments and are not run
-by this script.
+or uint8 asymmetric activations (MinMax calibration); ``quantize_dynamic`` int8. NNCF
+(``nncf.quantize``, ``model_type=TRANSFORMER``, with and without its SmoothQuant) runs in its own
+virtual environment (``--nncf-venv``, created with ``pip install nncf==3.4.0`` if missing;
+``bench/peer_scripts/nncf_quantize.py``). ORT's SmoothQuant (neural-compressor 3.7.1) and
+ModelOpt are not run by this script yet.
 """
 
 from __future__ import annotations
@@ -26,7 +28,30 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ["ours int8 α auto --target onnxruntime", "ours int8 α=0.9 (TensorRT placement)",
-         "ort quantize_static s8/s8 per-channel", "ort quantize_static u8/s8 per-channel", "ort quantize_dynamic"]
+         "ort quantize_static s8/s8 per-channel", "ort quantize_static u8/s8 per-channel", "ort quantize_dynamic",
+         "nncf TRANSFORMER (its SmoothQuant)", "nncf TRANSFORMER, SmoothQuant off"]
+NNCF = "nncf==3.4.0"
+
+
+def nncf_python(venv: Path) -> Path:
+    """The NNCF environment's python, created on first use."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        import onnxruntime  # noqa: PLC0415
+
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", NNCF, "onnx",
+                        f"onnxruntime=={onnxruntime.__version__}"], check=True)
+    return python
+
+
+def run_tool(tool: str, args, model: Path, target: Path) -> subprocess.CompletedProcess:
+    if tool.startswith("nncf"):
+        cmd = [str(nncf_python(Path(args.nncf_venv))), str(ROOT / "bench/peer_scripts/nncf_quantize.py"), str(model),
+               str(model.with_name("minilm.calib.npz")), str(target)]
+        return subprocess.run(cmd + (["--no-smooth-quant"] if "off" in tool else []), capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "bench.peers_ort", "--child", tool, "--out", args.out,
+                           "--target", str(target)], capture_output=True, text=True, cwd=ROOT)
 
 
 def quantize(tool: str, model: Path, calib: Path, out: Path) -> None:
@@ -80,6 +105,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="models/real")
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--json")
+    p.add_argument("--nncf-venv", default=str(ROOT / ".cache" / "venv-nncf"), help="NNCF's virtual environment")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--target", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -96,18 +122,18 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for i, tool in enumerate(TOOLS):
             target = Path(tmp) / f"q{i}.onnx"
-            done = subprocess.run([sys.executable, "-m", "bench.peers_ort", "--child", tool, "--out", args.out,
-                                   "--target", str(target)], capture_output=True, text=True, cwd=ROOT)
+            done = run_tool(tool, args, model, target)
             if done.returncode != 0:
                 rows.append({"tool": tool, "error": done.stderr.strip().splitlines()[-1][:200]})
                 continue
             cost = json.loads(done.stdout.strip().splitlines()[-1])
+            cost.pop("nncf", None)
             m = evaluate(model, target, model.with_name("minilm.eval.npz"), task=Task.ENCODER, batch_size=8,
                          latency_rounds=args.rounds).metrics
             rows.append({"tool": tool, **cost, "cos_mean": round(m["cosine_mean"], 5),
                          "cos_min": round(m["cosine_min"], 4), "speedup": round(m["speedup"], 2)})
             print(f"done: {tool}", flush=True)
-    print(f"\nall-MiniLM-L6-v2, onnxruntime {onnxruntime.__version__}, 256 held-out paragraphs")
+    print(f"\nall-MiniLM-L6-v2, onnxruntime {onnxruntime.__version__}, {NNCF}, 256 held-out paragraphs")
     print(f"{'tool':<40} {'quant s':>7} {'peak RSS MB':>11} {'cos mean':>9} {'cos min':>8} {'speed-up':>8}")
     for r in rows:
         if "error" in r:
