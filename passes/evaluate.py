@@ -14,6 +14,12 @@ Both models run in ONNX Runtime on the same inputs. Metrics by :class:`Task`:
 ``--latency`` times both models on one batch, alternating REF and CAND for each round so
 machine noise hits both alike, and reports median times and their ratio.
 
+``--sqnr N`` lists the N linear ops (MatMul/Gemm/Conv outputs present in both graphs under the
+same name, as the passes keep them, except outputs smoothing rescaled on purpose, which the
+model's metadata lists) whose output SQNR ``10 log10(|Y_ref|² / |Y_cand - Y_ref|²)``
+on the first sample is lowest: where the quantized model departs from FP. The errors
+accumulate from layer to layer here, unlike ``--max-fp-layers``' per-layer measurement.
+
 ``auto`` picks ``causal-lm`` when the first output's last axis is larger than every token id
 in the data (a vocabulary), else ``encoder`` for rank-3 outputs, else only the errors.
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import json
 import os
 import sys
 import time
@@ -29,11 +36,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 
 from calibrators.data import CalibrationData
 from calibrators.minmax import inference_session
 from passes.errors import SmoothQuantError
 from passes.onnx_io import load_model
+from passes.pipeline import RESCALED_OUTPUTS_KEY
 
 
 class Task(enum.Enum):
@@ -152,6 +161,29 @@ def evaluate(reference: str | os.PathLike, candidate: str | os.PathLike, data: s
     return result
 
 
+def layer_sqnr(reference: str | os.PathLike, candidate: str | os.PathLike,
+               feed: dict[str, np.ndarray]) -> list[tuple[str, float]]:
+    """(linear-op output, SQNR dB) for every MatMul/Gemm/Conv output both graphs share, lowest first."""
+    ref_model, cand_model = load_model(reference), load_model(candidate)
+    produced = {o for n in cand_model.proto.graph.node for o in n.output}
+    meta = {p.key: p.value for p in cand_model.proto.metadata_props}
+    rescaled = set(json.loads(meta.get(RESCALED_OUTPUTS_KEY, "[]")))  # divided by s on purpose: not comparable
+    names = [n.output[0] for n in ref_model.proto.graph.node
+             if n.op_type in ("MatMul", "Gemm", "Conv") and n.output[0] in produced and n.output[0] not in rescaled]
+    values = []
+    for loaded in (ref_model, cand_model):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(loaded.proto)
+        existing = {o.name for o in proto.graph.output}
+        proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in existing)
+        values.append(inference_session(proto, loaded.base_dir).run(names, feed))
+    out = []
+    for name, r, c in zip(names, *values):
+        err = float(((c.astype(np.float64) - r) ** 2).sum())
+        out.append((name, float("inf") if err == 0 else float(10 * np.log10(float((r.astype(np.float64) ** 2).sum()) / err))))
+    return sorted(out, key=lambda item: item[1])
+
+
 def time_alternating(ref, cand, feed: dict[str, np.ndarray], rounds: int, warmup: int = 3) -> tuple[float, float]:
     """Median seconds per run of each session, REF and CAND run in turn every round."""
     for _ in range(warmup):
@@ -175,6 +207,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--latency", type=int, default=0, metavar="ROUNDS",
                    help="also time both models on the first batch, alternating, ROUNDS rounds")
+    p.add_argument("--sqnr", type=int, default=0, metavar="N",
+                   help="also list the N linear-op outputs with the lowest SQNR on the first sample")
     return p
 
 
@@ -187,6 +221,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(result.summary())
+    if args.sqnr:
+        first = {k: v[:1] for k, v in next(iter(CalibrationData(args.data, 1).batches())).items()}
+        try:
+            rows = layer_sqnr(args.reference, args.candidate, first)
+        except SmoothQuantError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"lowest output SQNR of {len(rows)} linear ops (first sample):")
+        for name, db in rows[:args.sqnr]:
+            print(f"  {db:7.2f} dB  {name}")
     return 0
 
 

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -30,6 +31,7 @@ from passes.fold import SmoothingReport, fold_smoothing
 from passes.graph import GraphView, opset_version
 from passes.linear import find_linear_ops
 from passes.onnx_io import LoadedModel, TensorStore, load_model, save_model
+from passes.patterns import LinearOutputFold
 from passes.per_token import quantize_per_token
 from plugins import schema as plugin_schema
 from passes.qdq import FORMATS, ActivationRange, QuantReport, quantize_linear_ops
@@ -118,6 +120,7 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
                                        _calibration_data(loaded, calib, config), config.quantization.clip_grid,
                                        progress=config.calibration.progress)
     report = fold_smoothing(view, planned, skipped)
+    _record_rescaled_outputs(loaded.proto, planned)
     if linear_ops and not report.smoothed:
         messages.append(f"{loaded.path}: no smoothable pattern (norm or linear producer feeding linear ops); "
                         f"the model is written unchanged")
@@ -147,6 +150,20 @@ def convert_opset(loaded: LoadedModel, opset: int) -> LoadedModel:
         raise SmoothQuantError(f"{loaded.path}: could not convert to opset {opset} ({type(e).__name__}: "
                                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
     return LoadedModel(converted, loaded.path)
+
+
+RESCALED_OUTPUTS_KEY = "smoothquant.rescaled_outputs"
+
+
+def _record_rescaled_outputs(model: onnx.ModelProto, planned: list[PlannedGroup]) -> None:
+    """Note in the model's metadata the linear-op outputs that smoothing divided by s (a producing
+    layer absorbed 1/s): they differ from the FP model's by design, so layer-wise comparisons skip them."""
+    rescaled = sorted({p.group.site.producer.node.output[0] for p in planned if isinstance(p.group.site, LinearOutputFold)})
+    for prop in list(model.metadata_props):
+        if prop.key == RESCALED_OUTPUTS_KEY:
+            model.metadata_props.remove(prop)
+    if rescaled:
+        model.metadata_props.add(key=RESCALED_OUTPUTS_KEY, value=json.dumps(rescaled))
 
 
 def _plan(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup], stats: ChannelStats,

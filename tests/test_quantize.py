@@ -120,3 +120,22 @@ def test_fp8_structure_and_opset_conversion(demo_dir, tmp_path, name):
     cos = row_cosine(run(demo_dir / f"{name}.onnx", feeds)[0], run(tmp_path / "f.onnx", feeds)[0])
     # measured: tiny_llama 0.936, tiny_bert 0.9999
     assert cos.mean() > (0.93 if name == "tiny_llama" else 0.9995), cos.mean()
+
+
+def test_layer_sqnr_skips_outputs_smoothing_rescaled(demo_dir, tmp_path):
+    """The up projection absorbs 1/s of the SwiGLU group: its output differs on purpose, so the
+    model's metadata lists it and evaluate's per-layer SQNR leaves it out."""
+    import json
+
+    from passes.evaluate import layer_sqnr
+    from passes.pipeline import RESCALED_OUTPUTS_KEY
+
+    path = demo_dir / "tiny_llama.onnx"
+    result = quantize(path, tmp_path / "q.onnx", alpha=0.8)
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "q.onnx")).metadata_props}
+    rescaled = json.loads(meta[RESCALED_OUTPUTS_KEY])
+    assert len(rescaled) == 2 == result.report.count(__import__("passes.patterns").patterns.FoldKind.LINEAR)
+    feed = {k: v[:1] for k, v in held_out(demo_dir, "tiny_llama").items()}
+    rows = layer_sqnr(path, tmp_path / "q.onnx", feed)
+    assert {name for name, _ in rows}.isdisjoint(rescaled) and len(rows) == 17
+    assert all(5 < db < 60 for _, db in rows), rows  # measured 9.9 .. 40 dB
