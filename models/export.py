@@ -50,22 +50,35 @@ class TextSets:
     seq_len: int
 
 
-class _TokenEmbeddings:
-    """Wraps a transformers BertModel so the ONNX graph returns last_hidden_state only."""
+def _token_embeddings_module(model):
+    """A BertModel returning only ``last_hidden_state`` (what the ONNX graph exposes)."""
+    import torch  # noqa: PLC0415
 
-    def __new__(cls, model):
-        import torch  # noqa: PLC0415
+    class TokenEmbeddings(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
 
-        class Wrapper(torch.nn.Module):
-            def __init__(self, inner):
-                super().__init__()
-                self.inner = inner
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask,
+                              token_type_ids=token_type_ids).last_hidden_state
 
-            def forward(self, input_ids, attention_mask, token_type_ids):
-                return self.inner(input_ids=input_ids, attention_mask=attention_mask,
-                                  token_type_ids=token_type_ids).last_hidden_state
+    return TokenEmbeddings(model).eval()
 
-        return Wrapper(model).eval()
+
+def _logits_module(model):
+    """A causal LM returning only ``logits``, without a KV cache."""
+    import torch  # noqa: PLC0415
+
+    class Logits(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    return Logits(model).eval()
 
 
 def export_minilm(out: Path, sets: TextSets, cache: Path) -> Path:
@@ -85,7 +98,7 @@ def export_minilm(out: Path, sets: TextSets, cache: Path) -> Path:
     for stem, texts in (("calib", calib_text), ("eval", eval_text)):
         ids, mask, types = paragraph_batch(tok, texts, sets.seq_len)
         np.savez(out / f"minilm.{stem}.npz", input_ids=ids, attention_mask=mask, token_type_ids=types)
-    model = _TokenEmbeddings(AutoModel.from_pretrained(str(source), attn_implementation="eager"))
+    model = _token_embeddings_module(AutoModel.from_pretrained(str(source), attn_implementation="eager"))
     ids, mask, types = paragraph_batch(tok, eval_text[:2], 16)
     example = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
     names = list(example)
@@ -131,21 +144,6 @@ def smollm2_gguf(cache: Path) -> Path:
     return target
 
 
-class _Logits:
-    def __new__(cls, model):
-        import torch  # noqa: PLC0415
-
-        class Wrapper(torch.nn.Module):
-            def __init__(self, inner):
-                super().__init__()
-                self.inner = inner
-
-            def forward(self, input_ids, attention_mask):
-                return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-        return Wrapper(model).eval()
-
-
 def export_smollm2(out: Path, sets: TextSets, cache: Path) -> Path:
     try:
         import torch  # noqa: PLC0415
@@ -163,7 +161,7 @@ def export_smollm2(out: Path, sets: TextSets, cache: Path) -> Path:
         ids = token_windows(tok, texts, sets.seq_len, n)
         np.savez(out / f"smollm2.{stem}.npz", input_ids=ids, attention_mask=np.ones_like(ids))
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    wrapper = _Logits(model)
+    wrapper = _logits_module(model)
     ids = token_windows(tok, eval_text, 16, 2)
     example = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     path = out / "smollm2.onnx"
