@@ -47,6 +47,7 @@ def quantize_per_token(view: GraphView, linear_ops: list[LinearOp], opset: int,
     if opset < 13:
         raise SmoothQuantError(f"per-token lowering needs opset >= 13, the model has {opset}")
     names = NameFactory(view.all_names())
+    scalars = _Scalars(view, names)
     report = QuantReport(config.precision)
     plan: list[tuple[LinearOp, list[onnx.NodeProto]]] = []
     custom = config.target is Target.TENSORRT
@@ -72,9 +73,9 @@ def quantize_per_token(view: GraphView, linear_ops: list[LinearOp], opset: int,
         if custom:
             nodes = _custom_ops(view, names, tag, x, y, np.ascontiguousarray(w_q.T), w_scale, bias, config, dtype)
         elif config.precision is Precision.INT8:
-            nodes = _integer_ops(view, names, tag, x, y, w_q, w_scale, bias, dtype, opset)
+            nodes = _integer_ops(view, names, scalars, tag, x, y, w_q, w_scale, bias, dtype, opset)
         else:
-            nodes = _float8_ops(view, names, tag, x, y, w_q, w_scale, bias, dtype, opset)
+            nodes = _float8_ops(view, names, scalars, tag, x, y, w_q, w_scale, bias, dtype, opset)
         plan.append((op, nodes))
         report.quantized.append(op.name)
     for op, nodes in plan:
@@ -93,7 +94,21 @@ def _const(view: GraphView, names: NameFactory, base: str, value: np.ndarray) ->
     return name
 
 
-def _token_scale(view, names, tag, x, dtype, qmax, opset, nodes) -> str:
+class _Scalars:
+    """One initializer per distinct scalar constant (tiny, 1/qmax, clip bounds), shared by all ops."""
+
+    def __init__(self, view: GraphView, names: NameFactory):
+        self.view, self.names, self.made = view, names, {}
+
+    def __call__(self, label: str, value, dtype) -> str:
+        """``value`` a number (0-d constant) or a list (1-D constant)."""
+        key = (label, np.dtype(dtype).str, repr(value))
+        if key not in self.made:
+            self.made[key] = _const(self.view, self.names, f"sq_pt_{label}", np.array(value, dtype))
+        return self.made[key]
+
+
+def _token_scale(view, names, scalars, tag, x, dtype, qmax, opset, nodes) -> str:
     """``a = max(max_k |x|, tiny) / qmax`` with shape [..., 1], in x's dtype."""
     def out(s):
         return names.unique(f"{tag}::sq_pt_{s}")
@@ -101,14 +116,14 @@ def _token_scale(view, names, tag, x, dtype, qmax, opset, nodes) -> str:
     abs_x, amax, safe, a = out("abs"), out("amax"), out("amax_safe"), out("scale")
     nodes.append(helper.make_node("Abs", [x], [abs_x], name=names.unique(f"{abs_x}::node")))
     if opset >= 18:
-        axes = _const(view, names, f"{tag}::sq_pt_axes", np.array([-1], np.int64))
+        axes = scalars("last_axis", [-1], np.int64)
         nodes.append(helper.make_node("ReduceMax", [abs_x, axes], [amax], keepdims=1, name=names.unique(f"{amax}::node")))
     else:
         nodes.append(helper.make_node("ReduceMax", [abs_x], [amax], axes=[-1], keepdims=1,
                                       name=names.unique(f"{amax}::node")))
-    tiny = _const(view, names, f"{tag}::sq_pt_tiny", np.array(TINY * qmax, dtype))
+    tiny = scalars("tiny", TINY * qmax, dtype)
     nodes.append(helper.make_node("Max", [amax, tiny], [safe], name=names.unique(f"{safe}::node")))
-    inv_qmax = _const(view, names, f"{tag}::sq_pt_inv_qmax", np.array(1.0 / qmax, dtype))
+    inv_qmax = scalars("inv_qmax", 1.0 / qmax, dtype)
     nodes.append(helper.make_node("Mul", [safe, inv_qmax], [a], name=names.unique(f"{a}::node")))
     return a
 
@@ -127,16 +142,15 @@ def _rescale(view, names, tag, acc, a, w_scale, bias, y, dtype, nodes) -> None:
         nodes.append(helper.make_node("Add", [both, bias], [y], name=names.unique(f"{y}::sq_pt_bias")))
 
 
-def _integer_ops(view, names, tag, x, y, w_q, w_scale, bias, dtype, opset) -> list[onnx.NodeProto]:
+def _integer_ops(view, names, scalars, tag, x, y, w_q, w_scale, bias, dtype, opset) -> list[onnx.NodeProto]:
     nodes: list[onnx.NodeProto] = []
-    a = _token_scale(view, names, tag, x, dtype, 127.0, opset, nodes)
+    a = _token_scale(view, names, scalars, tag, x, dtype, 127.0, opset, nodes)
 
     def out(s):
         return names.unique(f"{tag}::sq_pt_{s}")
 
     scaled, rounded, clipped, xq, acc_i, acc = (out(s) for s in ("div", "round", "clip", "q", "acc_int", "acc"))
-    lo = _const(view, names, f"{tag}::sq_pt_lo", np.array(-127, dtype))
-    hi = _const(view, names, f"{tag}::sq_pt_hi", np.array(127, dtype))
+    lo, hi = scalars("int8_min", -127, dtype), scalars("int8_max", 127, dtype)
     w_name = _const(view, names, f"{tag}::sq_pt_w_q", w_q)
     nodes += [helper.make_node("Div", [x, a], [scaled], name=names.unique(f"{scaled}::node")),
               helper.make_node("Round", [scaled], [rounded], name=names.unique(f"{rounded}::node")),
@@ -149,9 +163,9 @@ def _integer_ops(view, names, tag, x, y, w_q, w_scale, bias, dtype, opset) -> li
     return nodes
 
 
-def _float8_ops(view, names, tag, x, y, w_q, w_scale, bias, dtype, opset) -> list[onnx.NodeProto]:
+def _float8_ops(view, names, scalars, tag, x, y, w_q, w_scale, bias, dtype, opset) -> list[onnx.NodeProto]:
     nodes: list[onnx.NodeProto] = []
-    a = _token_scale(view, names, tag, x, dtype, 448.0, opset, nodes)
+    a = _token_scale(view, names, scalars, tag, x, dtype, 448.0, opset, nodes)
 
     def out(s):
         return names.unique(f"{tag}::sq_pt_{s}")
