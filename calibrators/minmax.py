@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper
+from onnx import helper, numpy_helper
 from onnx.external_data_helper import uses_external_data
 from tqdm import tqdm
 
@@ -29,7 +29,7 @@ from calibrators.stats import ChannelStats
 from passes.errors import SmoothQuantError
 from passes.graph import opset_version
 from passes.naming import NameFactory
-from passes.onnx_io import PROTOBUF_LIMIT, LoadedModel
+from passes.onnx_io import PROTOBUF_LIMIT, LoadedModel, tensor_nbytes
 
 
 @dataclass(frozen=True)
@@ -51,12 +51,50 @@ def _reduce(op: str, out: str, inp: str, axes: list[int], opset: int, names: Nam
     return helper.make_node(op, [inp], [out], axes=axes, keepdims=0, name=names.amax_node(tensor, op.lower()))
 
 
-def build_calibration_graph(model: onnx.ModelProto,
-                            targets: Sequence[StatTarget]) -> tuple[onnx.ModelProto, dict[str, tuple[str, str]]]:
-    """A copy of ``model`` with per-channel min and max outputs per target; returns it and
-    target -> (min output, max output)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+# Inline initializers at least this large are handed to ORT as OrtValues instead of being
+# serialized with the graph: no copy of the model proto, no serialized copy of the weights.
+INLINE_SPLIT_BYTES = 1 << 16
+INJECTED = "__smoothquant_injected__"  # location of the stubs ORT replaces with the OrtValues
+
+
+def _stub(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    """Name, type and shape of ``tensor`` marked external: ORT's add_external_initializers replaces it."""
+    stub = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
+                            data_location=onnx.TensorProto.EXTERNAL)
+    entry = stub.external_data.add()
+    entry.key, entry.value = "location", INJECTED
+    return stub
+
+
+def split_large_inline(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
+    """A copy of ``model`` whose large inline initializers are stubs, and those initializers (not copied)."""
+    inputs = {i.name for i in model.graph.input}
+    big = [t for t in model.graph.initializer
+           if not uses_external_data(t) and t.name not in inputs and tensor_nbytes(t) >= INLINE_SPLIT_BYTES]
+    big_names = {t.name for t in big}
+    light = onnx.ModelProto()
+    for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(light, name, getattr(model, name))
+    light.opset_import.extend(model.opset_import)
+    light.metadata_props.extend(model.metadata_props)
+    light.functions.extend(model.functions)
+    src, graph = model.graph, light.graph
+    graph.name, graph.doc_string = src.name, src.doc_string
+    graph.node.extend(src.node)
+    graph.input.extend(src.input)
+    graph.output.extend(src.output)
+    graph.value_info.extend(src.value_info)
+    graph.sparse_initializer.extend(src.sparse_initializer)
+    graph.initializer.extend(_stub(t) if t.name in big_names else t for t in src.initializer)
+    return light, big
+
+
+def build_calibration_graph(model: onnx.ModelProto, targets: Sequence[StatTarget]
+                            ) -> tuple[onnx.ModelProto, dict[str, tuple[str, str]], list[onnx.TensorProto]]:
+    """A copy of ``model`` with per-channel min and max outputs per target; returns it, target ->
+    (min output, max output), and the large inline initializers left out of the copy (pass them
+    to :func:`inference_session`)."""
+    out, big = split_large_inline(model)
     graph = out.graph
     names = NameFactory({n.name for n in graph.node} | {o for n in graph.node for o in n.output}
                         | {t.name for t in graph.initializer} | {i.name for i in graph.input})
@@ -80,16 +118,19 @@ def build_calibration_graph(model: onnx.ModelProto,
         outputs[target.tensor] = (lo, hi)
     graph.node.extend(new_nodes)
     graph.initializer.extend(new_inits)
-    return out, outputs
+    return out, outputs, big
 
 
-def inference_session(proto: onnx.ModelProto, base_dir: Path,
-                      providers: Sequence[str] = ("CPUExecutionProvider",)) -> ort.InferenceSession:
+def inference_session(proto: onnx.ModelProto, base_dir: Path, providers: Sequence[str] = ("CPUExecutionProvider",),
+                      initializers: Sequence[onnx.TensorProto] = ()) -> ort.InferenceSession:
     """An ORT session over ``proto`` whose external data stays where it is on disk.
 
-    The graph goes to ORT as bytes (it is small once tensors are external) and ORT reads
-    external tensors from ``base_dir``, so nothing is copied or written.
+    The graph goes to ORT as bytes without its large inline tensors: those (and ``initializers``,
+    tensors a caller already split off) go as OrtValues ORT uses in place, and ORT reads
+    external tensors from ``base_dir``, so the weights are neither serialized nor written.
     """
+    proto, big = split_large_inline(proto)
+    big = [*big, *initializers]
     options = ort.SessionOptions()
     options.log_severity_level = 3
     # Memory patterns pre-plan one block per input shape on top of the arena: no gain for a
@@ -97,9 +138,15 @@ def inference_session(proto: onnx.ModelProto, base_dir: Path,
     options.enable_mem_pattern = False
     if any(uses_external_data(t) for t in proto.graph.initializer):
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base_dir))
+    arrays = [numpy_helper.to_array(t) for t in big]
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+    if big:
+        options.add_external_initializers([t.name for t in big], values)
     if proto.ByteSize() >= PROTOBUF_LIMIT:
         raise SmoothQuantError("the calibration graph exceeds 2 GiB: store the model's weights as external data")
-    return ort.InferenceSession(proto.SerializeToString(), options, providers=list(providers))
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=list(providers))
+    session._sq_external_initializers = (arrays, values)  # ORT reads them in place: keep them alive
+    return session
 
 
 def collect_channel_stats(model: LoadedModel, targets: Sequence[StatTarget], data: CalibrationData, *,
@@ -109,10 +156,10 @@ def collect_channel_stats(model: LoadedModel, targets: Sequence[StatTarget], dat
     if not targets:
         return ChannelStats()
     data.check(model_inputs(model.proto))
-    calib, outputs = build_calibration_graph(model.proto, targets)
+    calib, outputs, big = build_calibration_graph(model.proto, targets)
     fetch = [name for t in targets for name in outputs[t.tensor]]
     stats = ChannelStats()
-    session = inference_session(calib, model.base_dir, providers)
+    session = inference_session(calib, model.base_dir, providers, big)
     bar = tqdm(data.batches(), total=data.num_batches(), desc="calibrating", unit="batch",
                disable=not progress, leave=False)
     for feed in bar:

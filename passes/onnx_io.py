@@ -78,7 +78,7 @@ def _check_external_data(proto: onnx.ModelProto, base_dir: Path, path: Path) -> 
             raise SmoothQuantError(
                 f"{path}: tensor {tensor.name!r} points at external data {info.location!r}, which does not exist"
             )
-        need = (info.offset or 0) + (info.length if info.length is not None else _nbytes(tensor))
+        need = (info.offset or 0) + (info.length if info.length is not None else tensor_nbytes(tensor))
         have = location.stat().st_size
         if need > have:
             raise SmoothQuantError(
@@ -87,7 +87,7 @@ def _check_external_data(proto: onnx.ModelProto, base_dir: Path, path: Path) -> 
             )
 
 
-def _nbytes(tensor: onnx.TensorProto) -> int:
+def tensor_nbytes(tensor: onnx.TensorProto) -> int:
     dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
     return int(np.prod(tensor.dims, dtype=np.int64)) * np.dtype(dtype).itemsize
 
@@ -121,7 +121,7 @@ def tensor_bytes(tensor: onnx.TensorProto, base_dir: Path) -> bytes:
         info = ExternalDataInfo(tensor)
         with (base_dir / info.location).open("rb") as f:
             f.seek(info.offset or 0)
-            return f.read(info.length if info.length is not None else _nbytes(tensor))
+            return f.read(info.length if info.length is not None else tensor_nbytes(tensor))
     if tensor.HasField("raw_data"):
         return tensor.raw_data
     return numpy_helper.to_array(tensor).tobytes()
@@ -130,7 +130,7 @@ def tensor_bytes(tensor: onnx.TensorProto, base_dir: Path) -> bytes:
 def _total_tensor_bytes(proto: onnx.ModelProto) -> int:
     total = 0
     for t in proto.graph.initializer:
-        total += _nbytes(t) if uses_external_data(t) or not t.HasField("raw_data") else len(t.raw_data)
+        total += tensor_nbytes(t) if uses_external_data(t) or not t.HasField("raw_data") else len(t.raw_data)
     return total
 
 
