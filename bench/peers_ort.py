@@ -9,11 +9,11 @@ latency of one 8 x 128 batch timed alternately with fp32 (speed-up = fp32 / cand
 
 Peers (onnxruntime.quantization, the version installed beside this package):
 ``quantize_static`` QDQ per-channel symmetric int8 weights, MatMul only, with int8 symmetric
-or uint8 asymmetric activations (MinMax calibration); ``quantize_dynamic`` int8. NNCF
-(``nncf.quantize``, ``model_type=TRANSFORMER``, with and without its SmoothQuant) runs in its own
-virtual environment (``--nncf-venv``, created with ``pip install nncf==3.4.0`` if missing;
-``bench/peer_scripts/nncf_quantize.py``). ORT's SmoothQuant (neural-compressor 3.7.1) and
-ModelOpt are not run by this script yet.
+or uint8 asymmetric activations (MinMax calibration); ``quantize_dynamic`` int8. In their own
+virtual environments (created on first use, ``bench/peer_scripts/``): ORT ``quantize_static``
+u8/s8 with its ``SmoothQuant`` option (neural-compressor 3.7.1, numpy<2: ``--inc-venv``), and NNCF
+3.4.0 (``nncf.quantize``, ``model_type=TRANSFORMER``, with and without its SmoothQuant:
+``--nncf-venv``). ModelOpt is not run by this script yet.
 """
 
 from __future__ import annotations
@@ -29,27 +29,34 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ["ours int8 α auto --target onnxruntime", "ours int8 α=0.9 (TensorRT placement)",
          "ort quantize_static s8/s8 per-channel", "ort quantize_static u8/s8 per-channel", "ort quantize_dynamic",
-         "nncf TRANSFORMER (its SmoothQuant)", "nncf TRANSFORMER, SmoothQuant off"]
+         "ort quantize_static u8/s8 + its SmoothQuant α=0.5", "nncf TRANSFORMER (its SmoothQuant)",
+         "nncf TRANSFORMER, SmoothQuant off"]
 NNCF = "nncf==3.4.0"
+INC = ("neural-compressor==3.7.1", "numpy<2", "six")  # 3.8+ removed the module ORT's SmoothQuant imports
 
 
-def nncf_python(venv: Path) -> Path:
-    """The NNCF environment's python, created on first use."""
+def venv_python(venv: Path, packages) -> Path:
+    """A peer's own environment (its python), created on first use, with our onnxruntime version."""
     python = venv / "bin" / "python"
     if not python.exists():
         import onnxruntime  # noqa: PLC0415
 
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", NNCF, "onnx",
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *packages, "onnx",
                         f"onnxruntime=={onnxruntime.__version__}"], check=True)
     return python
 
 
 def run_tool(tool: str, args, model: Path, target: Path) -> subprocess.CompletedProcess:
+    calib = str(model.with_name("minilm.calib.npz"))
     if tool.startswith("nncf"):
-        cmd = [str(nncf_python(Path(args.nncf_venv))), str(ROOT / "bench/peer_scripts/nncf_quantize.py"), str(model),
-               str(model.with_name("minilm.calib.npz")), str(target)]
+        cmd = [str(venv_python(Path(args.nncf_venv), [NNCF])), str(ROOT / "bench/peer_scripts/nncf_quantize.py"),
+               str(model), calib, str(target)]
         return subprocess.run(cmd + (["--no-smooth-quant"] if "off" in tool else []), capture_output=True, text=True)
+    if "its SmoothQuant" in tool:
+        cmd = [str(venv_python(Path(args.inc_venv), INC)), str(ROOT / "bench/peer_scripts/ort_smoothquant.py"),
+               str(model), calib, str(target), "--alpha", "0.5"]
+        return subprocess.run(cmd, capture_output=True, text=True)
     return subprocess.run([sys.executable, "-m", "bench.peers_ort", "--child", tool, "--out", args.out,
                            "--target", str(target)], capture_output=True, text=True, cwd=ROOT)
 
@@ -106,6 +113,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--json")
     p.add_argument("--nncf-venv", default=str(ROOT / ".cache" / "venv-nncf"), help="NNCF's virtual environment")
+    p.add_argument("--inc-venv", default=str(ROOT / ".cache" / "venv-inc"),
+                   help="environment for ORT's SmoothQuant (neural-compressor 3.7.1, numpy<2)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--target", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -126,7 +135,8 @@ def main(argv=None) -> int:
             if done.returncode != 0:
                 rows.append({"tool": tool, "error": done.stderr.strip().splitlines()[-1][:200]})
                 continue
-            cost = json.loads(done.stdout.strip().splitlines()[-1])
+            out = done.stdout.strip()
+            cost = json.loads(out[out.rindex("{"):])  # peers may print progress bars before the JSON line
             cost.pop("nncf", None)
             m = evaluate(model, target, model.with_name("minilm.eval.npz"), task=Task.ENCODER, batch_size=8,
                          latency_rounds=args.rounds).metrics
