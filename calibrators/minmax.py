@@ -55,6 +55,10 @@ def _reduce(op: str, out: str, inp: str, axes: list[int], opset: int, names: Nam
 # serialized with the graph: no copy of the model proto, no serialized copy of the weights.
 INLINE_SPLIT_BYTES = 1 << 16
 INJECTED = "__smoothquant_injected__"  # location of the stubs ORT replaces with the OrtValues
+# Types OrtValue.ortvalue_from_numpy takes (numpy's own; not float8, int4 or bfloat16 from ml_dtypes).
+_ORTVALUE_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.INT8,
+                   onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
+                   onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}
 
 
 def _stub(tensor: onnx.TensorProto) -> onnx.TensorProto:
@@ -70,7 +74,8 @@ def split_large_inline(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[on
     """A copy of ``model`` whose large inline initializers are stubs, and those initializers (not copied)."""
     inputs = {i.name for i in model.graph.input}
     big = [t for t in model.graph.initializer
-           if not uses_external_data(t) and t.name not in inputs and tensor_nbytes(t) >= INLINE_SPLIT_BYTES]
+           if not uses_external_data(t) and t.name not in inputs and t.data_type in _ORTVALUE_TYPES
+           and tensor_nbytes(t) >= INLINE_SPLIT_BYTES]
     big_names = {t.name for t in big}
     light = onnx.ModelProto()
     for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):

@@ -130,3 +130,34 @@ def test_external_data_model(demo_dir, tmp_path):
     feeds = text_like_feeds("tiny_llama", 4)
     assert rel_err(run(src, feeds), run(result.written[0], feeds)) < 1e-5
     assert rel_err(run(src, feeds), run(ext, feeds)) == 0.0
+
+
+def test_large_inline_weights_go_to_ort_in_place(tmp_path):
+    """Large inline initializers reach ORT as OrtValues behind external stubs; types OrtValue cannot
+    hold (float8) stay inline; results are identical either way."""
+    import ml_dtypes
+    from onnx import TensorProto, helper, numpy_helper
+
+    from calibrators.minmax import INLINE_SPLIT_BYTES, inference_session, split_large_inline
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(256, 128)).astype(np.float32)  # 128 KB
+    w8 = rng.normal(size=(256, 128)).astype(ml_dtypes.float8_e4m3fn)
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["w8"], ["w8f"], to=TensorProto.FLOAT),
+         helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("MatMul", ["x", "w8f"], ["z"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 256])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 128]) for n in ("y", "z")],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(w8, "w8")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    assert w.nbytes >= INLINE_SPLIT_BYTES
+    light, big = split_large_inline(model)
+    assert [t.name for t in big] == ["w"]
+    stubs = {t.name: t for t in light.graph.initializer}
+    assert stubs["w"].data_location == TensorProto.EXTERNAL and not stubs["w"].raw_data
+    assert stubs["w8"].raw_data  # float8 stays inline
+    x = rng.normal(size=(2, 256)).astype(np.float32)
+    y, z = inference_session(model, tmp_path).run(None, {"x": x})
+    np.testing.assert_allclose(y, x @ w, rtol=1e-5)
+    np.testing.assert_allclose(z, x @ w8.astype(np.float32), rtol=1e-5)
+    assert model.graph.initializer[0].raw_data  # the caller's model is untouched
