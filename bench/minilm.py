@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
-import time
 from pathlib import Path
 
 from models.export import export
-from passes import CalibrationConfig, Precision, QuantizationConfig, SmoothingConfig, SmoothQuantConfig, run_smoothquant
+from bench.common import quantize_each
+from passes import CalibrationConfig, Precision, QuantizationConfig, SmoothingConfig, SmoothQuantConfig
 from passes.alpha_search import DEFAULT_GRID
 from passes.config import Target
 from passes.evaluate import evaluate
@@ -54,20 +53,13 @@ def main(argv=None) -> int:
     model = export("minilm", Path(args.out))
     data = model.with_name("minilm.eval.npz")
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for label, config in settings():
-            if args.only and args.only not in label:
-                continue
-            start = time.perf_counter()
-            out = run_smoothquant(model, Path(tmp) / "q.onnx", config=config).written[0]
-            seconds = time.perf_counter() - start
-            ev = evaluate(model, out, data, batch_size=8, latency_rounds=args.rounds)
-            m = ev.metrics
-            rows.append({"setting": label, "quantize_s": round(seconds, 1), "samples": ev.samples,
-                         "cos_mean": round(m["cosine_mean"], 5), "cos_min": round(m["cosine_min"], 4),
-                         "spearman": round(m["similarity_spearman"], 4), "fp32_ms": round(m["latency_ref_ms"], 1),
-                         "ours_ms": round(m["latency_cand_ms"], 1), "speedup": round(m["speedup"], 2)})
-            print(f"done: {label}", flush=True)
+    for label, out, seconds in quantize_each(model, settings(), args.only):
+        ev = evaluate(model, out, data, batch_size=8, latency_rounds=args.rounds)
+        m = ev.metrics
+        rows.append({"setting": label, "quantize_s": round(seconds, 1), "samples": ev.samples,
+                     "cos_mean": round(m["cosine_mean"], 5), "cos_min": round(m["cosine_min"], 4),
+                     "spearman": round(m["similarity_spearman"], 4), "fp32_ms": round(m["latency_ref_ms"], 1),
+                     "ours_ms": round(m["latency_cand_ms"], 1), "speedup": round(m["speedup"], 2)})
     print(f"\n{'setting':<36} {'quant s':>7} {'cos mean':>9} {'cos min':>8} {'spearman':>8} {'fp32 ms':>8} "
           f"{'ours ms':>8} {'speed-up':>8}")
     for r in rows:

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
-import time
 from pathlib import Path
 
 from models.export import export
-from passes import CalibrationConfig, Precision, QuantizationConfig, SmoothingConfig, SmoothQuantConfig, run_smoothquant
+from bench.common import quantize_each
+from passes import CalibrationConfig, Precision, QuantizationConfig, SmoothingConfig, SmoothQuantConfig
 from passes.config import Granularity, Target
 from passes.evaluate import Task, evaluate
 
@@ -55,18 +54,11 @@ def main(argv=None) -> int:
     model = export("smollm2", Path(args.out))
     data = model.with_name("smollm2.eval.npz")
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for label, config in settings():
-            if args.only and args.only not in label:
-                continue
-            start = time.perf_counter()
-            out = run_smoothquant(model, Path(tmp) / "q.onnx", config=config).written[0]
-            seconds = time.perf_counter() - start
-            m = evaluate(model, out, data, task=Task.CAUSAL_LM, batch_size=4).metrics
-            rows.append({"setting": label, "quantize_s": round(seconds, 1), "ppl_fp32": round(m["perplexity_ref"], 3),
-                         "ppl": round(m["perplexity_cand"], 3), "increase_pct": round(m["perplexity_increase_pct"], 2),
-                         "top1": round(m["top1_agreement"], 4)})
-            print(f"done: {label}", flush=True)
+    for label, out, seconds in quantize_each(model, settings(), args.only):
+        m = evaluate(model, out, data, task=Task.CAUSAL_LM, batch_size=4).metrics
+        rows.append({"setting": label, "quantize_s": round(seconds, 1), "ppl_fp32": round(m["perplexity_ref"], 3),
+                     "ppl": round(m["perplexity_cand"], 3), "increase_pct": round(m["perplexity_increase_pct"], 2),
+                     "top1": round(m["top1_agreement"], 4)})
     print(f"\n{'setting':<46} {'quant s':>7} {'ppl':>8} {'vs fp32':>8} {'top-1':>6}")
     for r in rows:
         print(f"{r['setting']:<46} {r['quantize_s']:>7} {r['ppl']:>8.3f} {r['increase_pct']:>+7.2f}% {r['top1']:>6.3f}")

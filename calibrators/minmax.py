@@ -27,7 +27,7 @@ from tqdm import tqdm
 from calibrators.data import CalibrationData, model_inputs
 from calibrators.stats import ChannelStats
 from passes.errors import SmoothQuantError
-from passes.graph import opset_version
+from passes.graph import make_reduce, opset_version
 from passes.naming import NameFactory
 from passes.onnx_io import PROTOBUF_LIMIT, LoadedModel, tensor_nbytes
 
@@ -40,15 +40,6 @@ class StatTarget:
     channel_axis: int
     channels: int
     rank: int | None = None  # needed for axis-1 targets only
-
-
-def _reduce(op: str, out: str, inp: str, axes: list[int], opset: int, names: NameFactory, tensor: str,
-            new_inits: list) -> onnx.NodeProto:
-    if opset >= 18:
-        axes_name = names.unique(f"{out}::axes")
-        new_inits.append(onnx.numpy_helper.from_array(np.array(axes, dtype=np.int64), axes_name))
-        return helper.make_node(op, [inp, axes_name], [out], keepdims=0, name=names.amax_node(tensor, op.lower()))
-    return helper.make_node(op, [inp], [out], axes=axes, keepdims=0, name=names.amax_node(tensor, op.lower()))
 
 
 # Inline initializers at least this large are handed to ORT as OrtValues instead of being
@@ -117,8 +108,14 @@ def build_calibration_graph(model: onnx.ModelProto, targets: Sequence[StatTarget
         else:
             raise ValueError(f"unsupported channel axis {target.channel_axis}")
         lo, hi = names.amax_output(f"{target.tensor}::min"), names.amax_output(f"{target.tensor}::max")
-        new_nodes.append(_reduce("ReduceMin", lo, source, axes, opset, names, target.tensor, new_inits))
-        new_nodes.append(_reduce("ReduceMax", hi, source, axes, opset, names, target.tensor, new_inits))
+
+        def add_axes(value: np.ndarray, result: str) -> str:
+            new_inits.append(onnx.numpy_helper.from_array(value, names.unique(f"{result}::axes")))
+            return new_inits[-1].name
+
+        for op, result in (("ReduceMin", lo), ("ReduceMax", hi)):
+            new_nodes.append(make_reduce(op, source, result, axes, opset, names.amax_node(target.tensor, op.lower()),
+                                         0, lambda value, result=result: add_axes(value, result)))
         graph.output.extend([helper.make_empty_tensor_value_info(lo), helper.make_empty_tensor_value_info(hi)])
         outputs[target.tensor] = (lo, hi)
     graph.node.extend(new_nodes)

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 
 from passes.errors import SmoothQuantError
-from passes.graph import GraphView, activation_dtype, attribute, opset_version
+from passes.graph import GraphView, attribute, declared_dtype, opset_version
 from passes.onnx_io import LoadedModel, TensorStore, load_model
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -115,10 +115,9 @@ def _check_qdq(view: GraphView, node: onnx.NodeProto, opset: int, out: list[Viol
     else:
         if not np.issubdtype(scale.dtype, np.floating) and str(scale.dtype) != "bfloat16":
             bad(Rule.SCALE_TYPE, f"scale {scale_name!r} is {scale.dtype}, not a float type")
-        elif node.op_type == "QuantizeLinear" and activation_dtype(view, x) != scale.dtype \
-                and view.constant_value(x) is None and _declared(view, x):
-            bad(Rule.SCALE_TYPE, f"scale {scale_name!r} is {scale.dtype} but input {x!r} is "
-                                 f"{activation_dtype(view, x)}")
+        elif node.op_type == "QuantizeLinear" and view.constant_value(x) is None \
+                and declared_dtype(view, x) not in (None, scale.dtype):
+            bad(Rule.SCALE_TYPE, f"scale {scale_name!r} is {scale.dtype} but input {x!r} is {declared_dtype(view, x)}")
         values = scale.astype(np.float64)
         if not np.all(np.isfinite(values)) or not np.all(values > 0):
             bad(Rule.SCALE_VALUE, f"scale {scale_name!r} has non-positive or non-finite values "
@@ -168,11 +167,6 @@ def _check_qdq(view: GraphView, node: onnx.NodeProto, opset: int, out: list[Viol
                                  f"{_name(readers[0])!r}, not by a DequantizeLinear")
     if node.output[0] in view.graph_outputs:
         bad(Rule.NO_QDQ_OUTPUT, f"produces graph output {node.output[0]!r}")
-
-
-def _declared(view: GraphView, tensor: str) -> bool:
-    return any(vi.name == tensor and vi.type.tensor_type.elem_type
-               for vi in list(view.graph.value_info) + list(view.graph.input) + list(view.graph.output))
 
 
 def _elem_type(view: GraphView, tensor: str) -> int | None:

@@ -24,7 +24,6 @@ from calibrators.data import CalibrationData
 from calibrators.stats import ChannelStats
 from passes.config import QuantizationConfig
 from passes.onnx_io import LoadedModel
-from passes.qdq import ActivationRange
 from passes.sensitivity import Trial, measure_group_candidates
 from passes.smooth import PlannedGroup, SmoothingGroup, smoothed_range
 
@@ -52,8 +51,7 @@ def search_clipping(model: LoadedModel, proto: onnx.ModelProto, groups: Sequence
 
     def trial(group: SmoothingGroup, r: float) -> Trial:
         s = scales.get(group.activation)
-        full = smoothed_range(stats, group.activation, 1.0 if s is None else s)
-        return Trial(s, ActivationRange(full.lo * r, full.hi * r))
+        return Trial(s, smoothed_range(stats, group.activation, 1.0 if s is None else s).scaled(r))
 
     errors = measure_group_candidates(model, proto, targets, ratios, trial, opset, config, data,
                                       desc="searching clipping per group", progress=progress)

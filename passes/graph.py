@@ -7,6 +7,7 @@ Passes read the graph through :class:`GraphView` and edit the underlying
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -124,12 +125,20 @@ class GraphView:
         self.store.refresh(self.graph)
 
 
-def activation_dtype(view: GraphView, tensor: str, _depth: int = 0) -> np.dtype:
-    """The element type of ``tensor``: declared (value_info, inputs, outputs), else traced back
-    through its producers (a Cast's target, a float constant input, or the first input)."""
+def declared_dtype(view: GraphView, tensor: str) -> np.dtype | None:
+    """The element type the graph declares for ``tensor`` (value_info, inputs, outputs), if any."""
     for vi in list(view.graph.value_info) + list(view.graph.input) + list(view.graph.output):
         if vi.name == tensor and vi.type.tensor_type.elem_type:
             return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+    return None
+
+
+def activation_dtype(view: GraphView, tensor: str, _depth: int = 0) -> np.dtype:
+    """The element type of ``tensor``: declared (value_info, inputs, outputs), else traced back
+    through its producers (a Cast's target, a float constant input, or the first input)."""
+    declared = declared_dtype(view, tensor)
+    if declared is not None:
+        return declared
     if tensor in view.initializers:
         return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(view.store.proto(tensor).data_type))
     node = view.producer.get(tensor)
@@ -148,6 +157,20 @@ def activation_dtype(view: GraphView, tensor: str, _depth: int = 0) -> np.dtype:
                 return dtype
     first = next((i for i in node.input if i), None)
     return activation_dtype(view, first, _depth + 1) if first else np.dtype(np.float32)
+
+
+# Opset from which each reduction takes ``axes`` as an input instead of an attribute.
+_AXES_AS_INPUT = {"ReduceSum": 13}
+
+
+def make_reduce(op: str, inp: str, out: str, axes: list[int], opset: int, name: str, keepdims: int,
+                add_axes: Callable[[np.ndarray], str]) -> onnx.NodeProto:
+    """A Reduce* node over ``axes``, valid at ``opset``; ``add_axes`` stores the axes constant
+    (when the opset wants an input) and returns its name."""
+    if opset >= _AXES_AS_INPUT.get(op, 18):
+        return onnx.helper.make_node(op, [inp, add_axes(np.array(axes, dtype=np.int64))], [out], name=name,
+                                     keepdims=keepdims)
+    return onnx.helper.make_node(op, [inp], [out], name=name, axes=axes, keepdims=keepdims)
 
 
 def attribute(node: onnx.NodeProto, name: str, default=None):

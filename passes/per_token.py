@@ -29,7 +29,7 @@ from onnx import helper
 
 from passes.config import Precision, QuantizationConfig, Target
 from passes.errors import SmoothQuantError
-from passes.graph import GraphView, activation_dtype, attribute
+from passes.graph import GraphView, activation_dtype, attribute, make_reduce
 from passes.linear import LinearKind, LinearOp
 from passes.naming import NameFactory
 from passes.qdq import FORMATS, QuantReport, per_channel_weight_scale, quantize_weight
@@ -115,12 +115,8 @@ def _token_scale(view, names, scalars, tag, x, dtype, qmax, opset, nodes) -> str
 
     abs_x, amax, safe, a = out("abs"), out("amax"), out("amax_safe"), out("scale")
     nodes.append(helper.make_node("Abs", [x], [abs_x], name=names.unique(f"{abs_x}::node")))
-    if opset >= 18:
-        axes = scalars("last_axis", [-1], np.int64)
-        nodes.append(helper.make_node("ReduceMax", [abs_x, axes], [amax], keepdims=1, name=names.unique(f"{amax}::node")))
-    else:
-        nodes.append(helper.make_node("ReduceMax", [abs_x], [amax], axes=[-1], keepdims=1,
-                                      name=names.unique(f"{amax}::node")))
+    nodes.append(make_reduce("ReduceMax", abs_x, amax, [-1], opset, names.unique(f"{amax}::node"), 1,
+                             lambda value: scalars("last_axis", value.tolist(), np.int64)))
     tiny = scalars("tiny", TINY * qmax, dtype)
     nodes.append(helper.make_node("Max", [amax, tiny], [safe], name=names.unique(f"{safe}::node")))
     inv_qmax = scalars("inv_qmax", 1.0 / qmax, dtype)

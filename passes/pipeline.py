@@ -235,8 +235,7 @@ def tensor_ranges_after_smoothing(groups: list[SmoothingGroup], planned: list[Pl
         if group.activation not in stats.amax:
             continue
         rng = smoothed_range(stats, group.activation, scales.get(group.activation, 1.0))
-        r = (clip or {}).get(group.activation, 1.0)
-        rng = ActivationRange(rng.lo * r, rng.hi * r)
+        rng = rng.scaled((clip or {}).get(group.activation, 1.0))
         for op in group.consumers:
             ranges[op.node.input[0]] = rng
     return ranges

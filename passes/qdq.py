@@ -53,6 +53,10 @@ class ActivationRange:
     def amax(self) -> float:
         return max(abs(self.lo), abs(self.hi))
 
+    def scaled(self, ratio: float) -> ActivationRange:
+        """The range clipped (ratio < 1) to ``[ratio lo, ratio hi]``."""
+        return ActivationRange(self.lo * ratio, self.hi * ratio)
+
     def valid(self) -> bool:
         return bool(np.isfinite(self.lo) and np.isfinite(self.hi) and self.amax > 0)
 
@@ -178,12 +182,10 @@ def _quantize_weight_input(view: GraphView, names: NameFactory, source: str, axi
     s_name, z_name = names.scale(source), names.zero_point(source)
     view.set_initializer(s_name, w_scale.astype(w.dtype))
     view.set_initializer(z_name, np.zeros(w_scale.size, dtype=fmt.dtype()))
-    dq_out = names.dequantized(source)
+    dq_out, q_name = names.dequantized(source), names.quantized(source)
     if storage is WeightStorage.QUANTIZED:
-        q_name = names.quantized(source)
         view.set_initializer(q_name, quantize_weight(w, w_scale, axis, fmt))
     else:
-        q_name = names.quantized(source)
         new_nodes.append((helper.make_node("QuantizeLinear", [source, s_name, z_name], [q_name],
                                            name=names.q_node(source), axis=axis), before))
     new_nodes.append((helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [dq_out],

@@ -29,7 +29,7 @@ from calibrators.data import CalibrationData, model_inputs
 from calibrators.minmax import inference_session
 from passes.config import QuantizationConfig
 from passes.errors import SmoothQuantError
-from passes.graph import GraphView
+from passes.graph import GraphView, make_reduce
 from passes.linear import LinearKind, LinearOp
 from passes.naming import NameFactory
 from passes.onnx_io import LoadedModel, TensorStore
@@ -164,12 +164,12 @@ def _token_error_nodes(names: NameFactory, twin: onnx.NodeProto, y: str, yq: str
     def node(op: str, inputs: list[str], out: str, **attrs) -> onnx.NodeProto:
         return helper.make_node(op, inputs, [out], name=names.unique(f"{out}::node"), **attrs)
 
+    def add_axes(value: np.ndarray) -> str:
+        graph.initializer.append(onnx.numpy_helper.from_array(value, t("axes")))
+        return graph.initializer[-1].name
+
     def reduce(op: str, inp: str, out: str, axes: list[int]) -> onnx.NodeProto:
-        if opset >= 18 or op == "ReduceSum" and opset >= 13:
-            axes_name = t("axes")
-            graph.initializer.append(onnx.numpy_helper.from_array(np.array(axes, dtype=np.int64), axes_name))
-            return node(op, [inp, axes_name], out, keepdims=0)
-        return node(op, [inp], out, axes=axes, keepdims=0)
+        return make_reduce(op, inp, out, axes, opset, names.unique(f"{out}::node"), 0, add_axes)
 
     y32, yq32, diff, e_rows, r_rows, r_safe, rel, err, ones, ref = (
         t(x) for x in ("y32", "yq32", "diff", "e_rows", "r_rows", "r_safe", "rel", "err", "ones", "ref"))

@@ -8,7 +8,6 @@ run on any machine, so tests check its numbers against :mod:`plugins.reference`:
 
 from __future__ import annotations
 
-import numpy as np
 from onnx import helper
 from onnx.reference.op_run import OpRun
 
