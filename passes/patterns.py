@@ -195,6 +195,14 @@ def _const_channel(view: GraphView, tensor: str, channels: int, channel_axis: in
     return value_shape is not None and channel_shape(value_shape, channels, channel_axis, rank) is not None
 
 
+def _is_scalar(view: GraphView, tensor: str) -> bool:
+    source = view.constant_source(tensor)
+    if source is not None:
+        return int(np.prod(view.store.proto(source).dims, dtype=np.int64)) == 1
+    value = view.constant_value(tensor)
+    return value is not None and value.size == 1
+
+
 def _describe_norm(view: GraphView, tensor: str) -> str:
     """Name the normalization that produced ``tensor`` by the ops upstream of it."""
     ops, frontier = set(), [tensor]
@@ -212,11 +220,15 @@ def _describe_norm(view: GraphView, tensor: str) -> str:
 
 
 def find_fold_site(view: GraphView, activation: str, linear_by_output: dict[str, LinearOp],
-                   channels: int, channel_axis: int, rank: int | None) -> FoldSite | str:
+                   channels: int, channel_axis: int, rank: int | None,
+                   fold_scalars: bool = True) -> FoldSite | str:
     """The site that can absorb ``1/s`` for ``activation``, or the reason there is none.
 
     Readers of ``activation`` outside the group are not checked here: the fold pass gives
-    them ``Mul(X / s, s)`` (see :func:`passes.fold.fold_smoothing`).
+    them ``Mul(X / s, s)`` (see :func:`passes.fold.fold_smoothing`). ``fold_scalars=False``:
+    a scalar constant of a Mul (GELU's 0.5, say) is not turned into a vector, because a
+    runtime matches fusion patterns on it (ONNX Runtime fuses GELU only with its scalars);
+    such a group gets an explicit Mul instead.
     """
     if activation in view.graph_inputs:
         return f"{activation!r} is a graph input"
@@ -251,6 +263,9 @@ def find_fold_site(view: GraphView, activation: str, linear_by_output: dict[str,
     if op == "Mul":
         for gamma_idx in (0, 1):
             if is_const(node.input[gamma_idx]) and not is_const(node.input[1 - gamma_idx]):
+                if not fold_scalars and _is_scalar(view, node.input[gamma_idx]):
+                    return InsertedMul(f"explicit Mul (the scalar constant of {view.node_label(node)} is kept for "
+                                       f"the runtime's fusions)", activation, channel_axis, rank)
                 return AffineFold(_describe_norm(view, node.input[1 - gamma_idx]), ((node, gamma_idx),),
                                   channel_axis, rank)
     if channel_axis == -1:

@@ -32,6 +32,7 @@ from passes.graph import GraphView, opset_version
 from passes.linear import find_linear_ops
 from passes.onnx_io import LoadedModel, TensorStore, load_model, save_model
 from passes.patterns import LinearOutputFold
+from passes.ort_lowering import add_ms_opset, lower_for_onnxruntime
 from passes.per_token import quantize_per_token
 from plugins import schema as plugin_schema
 from passes.qdq import FORMATS, ActivationRange, QuantReport, quantize_linear_ops
@@ -102,7 +103,9 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
     view = GraphView(loaded.proto.graph, TensorStore(loaded))
     linear_ops, passed_over = find_linear_ops(view)
     messages += [f"{view.node_label(node)} is left as it is: {reason}" for node, reason in passed_over]
-    groups = find_groups(view, linear_ops, config.smoothing)
+    # ONNX Runtime fuses GELU & co. only with their scalar constants: keep those for its target.
+    ort = config.quantization is not None and config.quantization.target is Target.ONNXRUNTIME
+    groups = find_groups(view, linear_ops, config.smoothing, fold_scalars=not ort)
     needs_stats = any(g.site is not None for g in groups) or not smooth_only
 
     if not linear_ops:
@@ -217,6 +220,11 @@ def _quantize(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup]
                     for name, e in fallback.items()]
     quant_report = quantize_linear_ops(view, candidates, ranges, opset, qconfig)
     quant_report.skipped[:0] = kept_fp
+    if qconfig.target is Target.ONNXRUNTIME:
+        lowering = lower_for_onnxruntime(view)
+        if lowering.lowered:
+            add_ms_opset(loaded.proto)
+            messages.append(lowering.summary())
     if qconfig.check and qconfig.target is Target.TENSORRT:
         check = check_graph(view, opset)
         if not check.ok:

@@ -63,7 +63,10 @@ def stat_targets(view: GraphView, linear_ops: list[LinearOp]) -> list[StatTarget
 SHAPE_ONLY_OPS = ("Shape", "Size")  # X' = X / s has X's shape
 
 
-def find_groups(view: GraphView, linear_ops: list[LinearOp], config: SmoothingConfig) -> list[SmoothingGroup]:
+def find_groups(view: GraphView, linear_ops: list[LinearOp], config: SmoothingConfig,
+                fold_scalars: bool = True) -> list[SmoothingGroup]:
+    """Group ``linear_ops`` by the activation they read and find each group's fold site
+    (``fold_scalars``: see :func:`passes.patterns.find_fold_site`)."""
     by_activation: dict[str, list[LinearOp]] = defaultdict(list)
     for op in linear_ops:
         by_activation[op.activation].append(op)
@@ -78,7 +81,8 @@ def find_groups(view: GraphView, linear_ops: list[LinearOp], config: SmoothingCo
                                          "its linear consumers disagree on the channel axis or width"))
             continue
         axis, channels, rank = axes.pop(), widths.pop(), ranks.pop()
-        site = find_fold_site(view, activation, linear_by_output, channels, axis, rank if axis == 1 else None)
+        site = find_fold_site(view, activation, linear_by_output, channels, axis, rank if axis == 1 else None,
+                              fold_scalars)
         group_ids = {id(op.node) for op in ops}
         # Readers outside the group need X back, except those that read only its shape.
         others = tuple(c for c in view.consumers.get(activation, [])

@@ -15,6 +15,7 @@ from passes import SmoothQuantConfig
 from passes.check_trt import check_model
 from passes.config import CalibrationConfig, Precision, QuantizationConfig, SmoothingConfig, Target, WeightStorage
 from passes.errors import SmoothQuantError
+from passes.patterns import FoldKind
 from passes.pipeline import run_smoothquant
 from passes.qdq import ActivationRange, per_channel_weight_scale
 from test_quantize import held_out, row_cosine
@@ -109,15 +110,56 @@ def test_onnxruntime_target_fuses_every_matmul(demo_dir, tmp_path):
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     for q in (n for n in model.graph.node if n.op_type == "QuantizeLinear"):
         assert inits[q.input[2]].dtype == np.uint8 and inits[q.input[1]].shape == ()
-    weight_zero = [inits[n.input[2]] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
-    assert len(weight_zero) == n and all(z.dtype == np.int8 and not z.any() for z in weight_zero)
-    # ORT's CPU graph optimizer turns every quantized MatMul into an integer GEMM for this target,
-    # and only some of them for the symmetric int8 (TensorRT) placement.
-    assert fused_op_types(tmp_path / "ort.onnx", tmp_path)["MatMulIntegerToFloat"] == n
+    # every quantized MatMul is lowered to ORT's integer GEMM with its bias add fused
+    gemms = [n for n in model.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert len(gemms) == n and all(g.domain == "com.microsoft" and len(g.input) == 7 for g in gemms)
+    assert all(inits[g.input[1]].dtype == np.int8 and inits[g.input[4]].dtype == np.uint8 for g in gemms)
+    assert not any(n.op_type in ("DequantizeLinear", "MatMul") and n.input[0] in inits for n in model.graph.node)
+    assert "onnxruntime lowering: 12 MatMuls" in "\n".join(ours.messages)
+    # ORT keeps them all as integer GEMMs; the symmetric int8 (TensorRT) placement gets only
+    # some of its MatMuls fused.
+    fused = fused_op_types(tmp_path / "ort.onnx", tmp_path)
+    assert fused["MatMulIntegerToFloat"] == n, fused
     assert fused_op_types(tmp_path / "trt.onnx", tmp_path)["MatMulIntegerToFloat"] < n == len(trt.quant_report.quantized)
     feeds = held_out(demo_dir, "tiny_bert")
     cos = row_cosine(run(path, feeds)[0], run(tmp_path / "ort.onnx", feeds)[0])
     assert cos.mean() > 0.9995, cos.mean()
+
+
+def test_onnxruntime_target_keeps_gelu_scalars_for_fusion(tmp_path):
+    """GELU as BERT exports it: ``Mul(Mul(h, Add(Erf(Div(h, sqrt2)), 1)), 0.5)``. Folding 1/s into
+    its 0.5 turns the scalar into a vector and ORT no longer fuses GELU; for the onnxruntime target
+    the group gets an explicit Mul instead, and ORT runs one Gelu kernel."""
+    rng = np.random.default_rng(4)
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 16] x) => (float[N, 16] y) {
+            h0 = MatMul (x, w1)
+            h = Add (b1, h0)
+            d = Div (h, sqrt2)
+            e = Erf (d)
+            e1 = Add (e, one)
+            m = Mul (h, e1)
+            g = Mul (m, half)
+            y = MatMul (g, w2)
+        }""")
+    inits = {"w1": rng.standard_normal((16, 32)), "b1": rng.standard_normal(32), "w2": rng.standard_normal((32, 16)),
+             "sqrt2": np.array(np.sqrt(2.0)), "one": np.array(1.0), "half": np.array(0.5)}
+    model.graph.initializer.extend(numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items())
+    onnx.save(model, str(tmp_path / "gelu.onnx"))
+    np.savez(tmp_path / "gelu.calib.npz", x=rng.standard_normal((32, 16)).astype(np.float32))
+    results = {t: run_smoothquant(tmp_path / "gelu.onnx", tmp_path / f"{t.value}.onnx", config=config(target=t))
+               for t in Target}
+    kinds = {t: [g.kind for g in r.report.groups if g.activation == "g"] for t, r in results.items()}
+    assert kinds == {Target.ONNXRUNTIME: [FoldKind.MUL], Target.TENSORRT: [FoldKind.NORM]}
+    out = onnx.load(str(tmp_path / "onnxruntime.onnx"))
+    assert numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "half")).shape == ()
+    fused = fused_op_types(tmp_path / "onnxruntime.onnx", tmp_path)
+    assert fused["Erf"] == 0 and fused["Gelu"] + fused["BiasGelu"] == 1, fused
+    assert fused_op_types(tmp_path / "tensorrt.onnx", tmp_path)["Erf"] == 1
+    x = rng.standard_normal((8, 16)).astype(np.float32)
+    ref = run(tmp_path / "gelu.onnx", {"x": x})[0]
+    assert row_cosine(ref, run(tmp_path / "onnxruntime.onnx", {"x": x})[0]).min() > 0.99
 
 
 def test_asymmetric_range_uses_signed_statistics():
