@@ -2,7 +2,10 @@
 
 * :func:`load_model` parses the graph only (``load_external_data=False``) and checks that
   every external-data file a tensor points at exists and is long enough, so a model of
-  many gigabytes costs only its graph in memory until a pass asks for one tensor.
+  many gigabytes costs only its graph in memory until a pass asks for one tensor. Large
+  tensors stored inline in the .onnx file are not parsed either: they become external
+  references to their own bytes inside that file (offset and length), read on demand, so
+  an inline model costs no more than an external-data one.
 * :class:`TensorStore` gives passes the tensors they ask for, one at a time.
 * :func:`save_model` writes a model atomically: into a temporary file beside the target,
   streaming each tensor (copied from the source's external data when untouched), then
@@ -12,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import tempfile
 from collections.abc import Iterator
@@ -33,12 +37,21 @@ EXTERNAL_DATA_THRESHOLD = 1 << 30
 INLINE_TENSOR_BYTES = 1024
 
 
+# Inline tensors at least this large stay in the file until asked for (see load_model).
+LAZY_INLINE_BYTES = 1 << 16
+
+
 @dataclass
 class LoadedModel:
-    """A model proto whose external tensors are still on disk, and where they are."""
+    """A model proto whose external tensors are still on disk, and where they are.
+
+    ``lazy_inline``: tensors stored inline in the .onnx file that the proto points at there
+    (as external data of the model file itself); a saved copy keeps them inline.
+    """
 
     proto: onnx.ModelProto
     path: Path
+    lazy_inline: frozenset[str] = frozenset()
 
     @property
     def base_dir(self) -> Path:
@@ -53,10 +66,13 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     if not path.is_file():
         raise SmoothQuantError(f"{path}: not a regular file")
     try:
-        with path.open("rb") as f:
-            proto = onnx.load_model(f, load_external_data=False)
+        parsed = _parse_lazily(path)
+        if parsed is None:
+            with path.open("rb") as f:
+                parsed = onnx.load_model(f, load_external_data=False), frozenset()
     except (DecodeError, ValueError, RuntimeError) as e:
         raise SmoothQuantError(f"{path}: not a valid ONNX model ({type(e).__name__}: {e})") from None
+    proto, lazy = parsed
     if not proto.graph.node:
         raise SmoothQuantError(f"{path}: not a valid ONNX model (the graph has no nodes; is the file truncated?)")
     try:
@@ -65,7 +81,103 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         first = str(e).strip().splitlines()[0]
         raise SmoothQuantError(f"{path}: ONNX checker rejected the model: {first}") from None
     _check_external_data(proto, path.parent, path)
-    return LoadedModel(proto, path)
+    return LoadedModel(proto, path, lazy)
+
+
+def _varint(buf, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("malformed varint")
+
+
+def _fields(buf, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """(field number, field start, payload start, field end) of each protobuf field in
+    ``buf[start:end]``; the payload of a length-delimited field is ``[payload start, end)``."""
+    pos = start
+    while pos < end:
+        key, payload = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, stop = _varint(buf, payload)
+        elif wire == 1:
+            stop = payload + 8
+        elif wire == 2:
+            length, payload = _varint(buf, payload)
+            stop = payload + length
+        elif wire == 5:
+            stop = payload + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        if stop > end:
+            raise ValueError("truncated protobuf field")
+        yield number, pos, payload, stop
+        pos = stop
+
+
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9  # field numbers in onnx.proto
+
+
+def _parse_lazily(path: Path) -> tuple[onnx.ModelProto, frozenset[str]] | None:
+    """The model with each large inline ``raw_data`` left in the file and referenced as external
+    data of the file itself (location, offset, length); None when nothing is that large or the
+    layout is unusual (the caller then parses the file the usual way)."""
+    size = path.stat().st_size
+    if size < LAZY_INLINE_BYTES:
+        return None
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        buf = memoryview(mm)
+        try:
+            return _split_fields(buf, size, path.name)
+        finally:
+            buf.release()
+
+
+def _split_fields(buf: memoryview, size: int, location: str) -> tuple[onnx.ModelProto, frozenset[str]] | None:
+    top, graphs = bytearray(), []
+    for number, start, payload, stop in _fields(buf, 0, size):
+        if number == _MODEL_GRAPH:
+            graphs.append((payload, stop))
+        else:
+            top += buf[start:stop]
+    if len(graphs) != 1:
+        return None
+    rest, tensors = bytearray(), []
+    for number, start, payload, stop in _fields(buf, *graphs[0]):
+        if number == _GRAPH_INITIALIZER:
+            tensors.append((start, payload, stop))
+        else:
+            rest += buf[start:stop]
+    model = onnx.ModelProto()
+    model.ParseFromString(bytes(top))
+    model.graph.ParseFromString(bytes(rest))
+    lazy = set()
+    for _, payload, stop in tensors:
+        fields, raw = bytearray(), None
+        for number, start, data, end in _fields(buf, payload, stop):
+            if number == _TENSOR_RAW_DATA and end - data >= LAZY_INLINE_BYTES:
+                raw = (data, end)
+            else:
+                fields += buf[start:end]
+        tensor = model.graph.initializer.add()
+        if raw is None:
+            tensor.ParseFromString(bytes(buf[payload:stop]))
+            continue
+        tensor.ParseFromString(bytes(fields))
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.external_data:
+            return None  # raw data and an external location at once: let onnx decide
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", str(raw[0])), ("length", str(raw[1] - raw[0]))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        lazy.add(tensor.name)
+    return (model, frozenset(lazy)) if lazy else None
 
 
 def _check_external_data(proto: onnx.ModelProto, base_dir: Path, path: Path) -> None:
@@ -155,17 +267,18 @@ def _atomic_paths(*targets: Path) -> Iterator[list[Path]]:
 
 
 def save_model(proto: onnx.ModelProto, path: str | os.PathLike, source_dir: Path | None, *,
-               external_data: bool | None = None) -> list[Path]:
+               external_data: bool | None = None, inline_in_source: frozenset[str] = frozenset()) -> list[Path]:
     """Write ``proto`` to ``path`` atomically; return the files written.
 
     Tensors still pointing at the source's external data are streamed from ``source_dir``,
     one at a time. With ``external_data=None`` the model gets an external-data file
-    (``<name>.data``) when it must (tensors over 1 GiB in all, or the source used one).
+    (``<name>.data``) when it must (tensors over 1 GiB in all, or the source used one;
+    ``inline_in_source``: tensors that were inline in the source, see :class:`LoadedModel`).
     ``proto`` is not modified.
     """
     path = Path(path)
     if external_data is None:
-        had_external = any(uses_external_data(t) for t in proto.graph.initializer)
+        had_external = any(uses_external_data(t) and t.name not in inline_in_source for t in proto.graph.initializer)
         external_data = had_external or _total_tensor_bytes(proto) > EXTERNAL_DATA_THRESHOLD
     if any(uses_external_data(t) for t in proto.graph.initializer) and source_dir is None:
         raise ValueError("the model points at external data but no source directory was given")

@@ -134,7 +134,7 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
     result = SmoothQuantResult(loaded.proto, report, channel_stats, quant_report, layer_errors, alpha_choices,
                                clip_choices, messages=messages)
     if write:
-        result.written = save_model(loaded.proto, out_path, loaded.base_dir)
+        result.written = save_model(loaded.proto, out_path, loaded.base_dir, inline_in_source=loaded.lazy_inline)
     return result
 
 
@@ -152,7 +152,7 @@ def convert_opset(loaded: LoadedModel, opset: int) -> LoadedModel:
     except Exception as e:  # the converter and ORT raise many types
         raise SmoothQuantError(f"{loaded.path}: could not convert to opset {opset} ({type(e).__name__}: "
                                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
-    return LoadedModel(converted, loaded.path)
+    return LoadedModel(converted, loaded.path, loaded.lazy_inline)
 
 
 RESCALED_OUTPUTS_KEY = "smoothquant.rescaled_outputs"

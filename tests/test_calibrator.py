@@ -132,6 +132,35 @@ def test_external_data_model(demo_dir, tmp_path):
     assert rel_err(run(src, feeds), run(ext, feeds)) == 0.0
 
 
+def test_inline_model_is_read_lazily(demo_dir, tmp_path):
+    """Large inline tensors stay in the .onnx file (external references to their own bytes there):
+    same values, same graph, calibration reads them in place, and the output stays one inline file."""
+    from onnx import numpy_helper
+
+    from passes.onnx_io import LAZY_INLINE_BYTES, TensorStore
+
+    src = demo_dir / "tiny_llama.onnx"
+    reference = onnx.load(str(src))
+    loaded = load_model(src)
+    big = [t.name for t in reference.graph.initializer if t.HasField("raw_data") and len(t.raw_data) >= LAZY_INLINE_BYTES]
+    assert big and loaded.lazy_inline == frozenset(big)
+    lazy = {t.name: t for t in loaded.proto.graph.initializer if t.name in loaded.lazy_inline}
+    assert all(not t.raw_data and t.data_location == onnx.TensorProto.EXTERNAL for t in lazy.values())
+    store = TensorStore(loaded)
+    for t in reference.graph.initializer:
+        np.testing.assert_array_equal(store.array(t.name), numpy_helper.to_array(t))
+    assert [t.name for t in loaded.proto.graph.initializer] == [t.name for t in reference.graph.initializer]
+    del reference.graph.initializer[:]
+    del loaded.proto.graph.initializer[:]
+    assert loaded.proto == reference
+    result = run_smoothquant(src, tmp_path / "sq.onnx", config=SmoothQuantConfig(quantization=None))
+    assert [p.name for p in result.written] == ["sq.onnx"]
+    out = onnx.load(str(tmp_path / "sq.onnx"), load_external_data=False)
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in out.graph.initializer)
+    feeds = text_like_feeds("tiny_llama", 4)
+    assert rel_err(run(src, feeds), run(tmp_path / "sq.onnx", feeds)) < 1e-5
+
+
 def test_large_inline_weights_go_to_ort_in_place(tmp_path):
     """Large inline initializers reach ORT as OrtValues behind external stubs; types OrtValue cannot
     hold (float8) stay inline; results are identical either way."""
