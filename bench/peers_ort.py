@@ -13,7 +13,9 @@ or uint8 asymmetric activations (MinMax calibration); ``quantize_dynamic`` int8.
 virtual environments (created on first use, ``bench/peer_scripts/``): ORT ``quantize_static``
 u8/s8 with its ``SmoothQuant`` option (neural-compressor 3.7.1, numpy<2: ``--inc-venv``), and NNCF
 3.4.0 (``nncf.quantize``, ``model_type=TRANSFORMER``, with and without its SmoothQuant:
-``--nncf-venv``). ModelOpt is not run by this script yet.
+``--nncf-venv``), and NVIDIA ModelOpt (``modelopt.onnx.quantization.quantize``, int8 and fp8, CPU
+calibration, non-quantized parts fp32: ``--modelopt-venv``). FP8 has no CPU kernels in ONNX
+Runtime: FP8 rows are emulated there, so their speed-up says nothing about a GPU.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ["ours int8 α auto --target onnxruntime", "ours int8 α=0.9 (TensorRT placement)",
          "ort quantize_static s8/s8 per-channel", "ort quantize_static u8/s8 per-channel", "ort quantize_dynamic",
          "ort quantize_static u8/s8 + its SmoothQuant α=0.5", "nncf TRANSFORMER (its SmoothQuant)",
-         "nncf TRANSFORMER, SmoothQuant off"]
+         "nncf TRANSFORMER, SmoothQuant off", "modelopt int8", "ours fp8 no smoothing (TensorRT placement)",
+         "modelopt fp8"]
 NNCF = "nncf==3.4.0"
+MODELOPT = ("nvidia-modelopt[onnx]==0.47.0",)
 INC = ("neural-compressor==3.7.1", "numpy<2", "six")  # 3.8+ removed the module ORT's SmoothQuant imports
 
 
@@ -53,6 +57,10 @@ def run_tool(tool: str, args, model: Path, target: Path) -> subprocess.Completed
         cmd = [str(venv_python(Path(args.nncf_venv), [NNCF])), str(ROOT / "bench/peer_scripts/nncf_quantize.py"),
                str(model), calib, str(target)]
         return subprocess.run(cmd + (["--no-smooth-quant"] if "off" in tool else []), capture_output=True, text=True)
+    if tool.startswith("modelopt"):
+        cmd = [str(venv_python(Path(args.modelopt_venv), MODELOPT)), str(ROOT / "bench/peer_scripts/modelopt_quantize.py"),
+               str(model), calib, str(target), "--mode", tool.split()[1]]
+        return subprocess.run(cmd, capture_output=True, text=True)
     if "its SmoothQuant" in tool:
         cmd = [str(venv_python(Path(args.inc_venv), INC)), str(ROOT / "bench/peer_scripts/ort_smoothquant.py"),
                str(model), calib, str(target), "--alpha", "0.5"]
@@ -67,11 +75,14 @@ def quantize(tool: str, model: Path, calib: Path, out: Path) -> None:
     if tool.startswith("ours"):
         from bench.minilm import GRID  # noqa: PLC0415
         from passes import CalibrationConfig, QuantizationConfig, SmoothingConfig, SmoothQuantConfig, run_smoothquant  # noqa: PLC0415
-        from passes.config import Target  # noqa: PLC0415
+        from passes.config import Precision, Target  # noqa: PLC0415
 
         if "auto" in tool:
             cfg = SmoothQuantConfig(SmoothingConfig(alpha_grid=GRID), CalibrationConfig(progress=False),
                                     QuantizationConfig(target=Target.ONNXRUNTIME))
+        elif "fp8" in tool:
+            cfg = SmoothQuantConfig(SmoothingConfig(enabled=False), CalibrationConfig(progress=False),
+                                    QuantizationConfig(precision=Precision.FP8))
         else:
             cfg = SmoothQuantConfig(SmoothingConfig(0.9), CalibrationConfig(progress=False), QuantizationConfig())
         run_smoothquant(model, out, calib=calib, config=cfg)
@@ -115,6 +126,8 @@ def main(argv=None) -> int:
     p.add_argument("--nncf-venv", default=str(ROOT / ".cache" / "venv-nncf"), help="NNCF's virtual environment")
     p.add_argument("--inc-venv", default=str(ROOT / ".cache" / "venv-inc"),
                    help="environment for ORT's SmoothQuant (neural-compressor 3.7.1, numpy<2)")
+    p.add_argument("--modelopt-venv", default=str(ROOT / ".cache" / "venv-modelopt"), help="ModelOpt's virtual environment")
+    p.add_argument("--only", help="run only tools whose label contains this")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--target", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -130,6 +143,8 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, tool in enumerate(TOOLS):
+            if args.only and args.only not in tool:
+                continue
             target = Path(tmp) / f"q{i}.onnx"
             done = run_tool(tool, args, model, target)
             if done.returncode != 0:
@@ -137,13 +152,13 @@ def main(argv=None) -> int:
                 continue
             out = done.stdout.strip()
             cost = json.loads(out[out.rindex("{"):])  # peers may print progress bars before the JSON line
-            cost.pop("nncf", None)
+            cost.pop("nncf", None), cost.pop("modelopt", None)
             m = evaluate(model, target, model.with_name("minilm.eval.npz"), task=Task.ENCODER, batch_size=8,
                          latency_rounds=args.rounds).metrics
             rows.append({"tool": tool, **cost, "cos_mean": round(m["cosine_mean"], 5),
                          "cos_min": round(m["cosine_min"], 4), "speedup": round(m["speedup"], 2)})
             print(f"done: {tool}", flush=True)
-    print(f"\nall-MiniLM-L6-v2, onnxruntime {onnxruntime.__version__}, {NNCF}, 256 held-out paragraphs")
+    print(f"\nall-MiniLM-L6-v2, onnxruntime {onnxruntime.__version__}, {NNCF}, {MODELOPT[0]}, 256 held-out paragraphs")
     print(f"{'tool':<40} {'quant s':>7} {'peak RSS MB':>11} {'cos mean':>9} {'cos min':>8} {'speed-up':>8}")
     for r in rows:
         if "error" in r:
