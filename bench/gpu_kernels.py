@@ -1,6 +1,6 @@
 """W8A8 kernels on the GPU: correctness at every shape, then GEMM and decoder-layer timings.
 
-    python -m bench.gpu_kernels [--json OUT.json] [--quick]
+    python -m bench.gpu_kernels [--json OUT.json] [--quick] [--aot]
 
 1. Correctness, fresh random inputs per check: Triton per-token quantize and norm+quantize
    against the same maths in float32/float64 (identical codes except at rounding ties), the
@@ -11,7 +11,10 @@
    torch._int_mm (INT8) and torch._scaled_mm (FP8) (cuBLASLt), TFLOP/s and ratio to fp16,
    all timed in this one run from CUDA-graph replays (triton.testing.do_bench_cudagraph,
    median), so Python launch overhead is out of every number alike.
-3. A Llama-style decoder layer prefill (hidden 4096, 32 heads, MLP 14336, 8192 tokens):
+3. ``--aot``: the kernels the TensorRT plugins embed in an engine (:mod:`plugins.aot`), compiled
+   to PTX and launched through the CUDA driver with TensorRT's argument order, against the JIT
+   kernel: the best tile within 48 KiB of shared memory (the default tactics) and the best large tile.
+4. A Llama-style decoder layer prefill (hidden 4096, 32 heads, MLP 14336, 8192 tokens):
    fp16 torch vs ours (fused RMSNorm+quantize, per-token quantize, W8A8 linears; attention is
    the same fp16 SDPA in both).
 """
@@ -150,6 +153,38 @@ class Layer:
         return x + linear(*tk.silu_mul_quantize(linear(qx, sx, "gate_up"), fp8), "down")
 
 
+AOT_SHAPES = [(2048, 4096, 4096), (8192, 4096, 14336), (8192, 14336, 4096), (16384, 4096, 4096)]
+
+
+def aot_row(m, k, n, fp8: bool) -> dict:
+    """The TensorRT AOT kernels (PTX launched through the driver, as TensorRT would) against the JIT
+    kernel: best tile that fits 48 KiB of shared memory (the default tactics) and best large tile."""
+    from plugins import aot  # noqa: PLC0415
+
+    a, b = rand_q((m, k), fp8), rand_q((n, k), fp8)
+    sa, sb = torch.rand(m, device="cuda") * 1e-3, torch.rand(n, device="cuda") * 1e-3
+    bias = torch.zeros(n, device="cuda")
+    y = torch.empty(m, n, device="cuda", dtype=torch.float16)
+    row = {"M": m, "K": k, "N": n, "precision": "fp8" if fp8 else "int8",
+           "jit": round(tflops(m, k, n, bench(lambda: tk.w8a8_gemm(a, sa, b, sb, bias))), 1)}
+    for label, tiles in (("aot_48k", aot.SMALL_TILES), ("aot_large", aot.LARGE_TILES)):
+        best = None
+        for tile in tiles:
+            kernel, grid = aot.linear_kernel(n, k, fp8, "fp16", tile)
+            launch = lambda kernel=kernel, g=grid(m): aot.driver_launch(  # noqa: E731
+                kernel, g, (a, sa, b, sb, bias, m, y), torch.cuda.current_stream().cuda_stream)
+            try:
+                ms = bench(launch)
+            except Exception as e:  # a driver launch that a CUDA graph cannot capture: time it plainly
+                row.setdefault("note", f"AOT timed without CUDA graphs ({type(e).__name__})")
+                ms = triton.testing.do_bench(launch, rep=200, return_mode="median")
+            if best is None or ms < best[0]:
+                best = (ms, tile)
+        row[label] = round(tflops(m, k, n, best[0]), 1)
+        row[f"{label}_tile"] = "x".join(map(str, (best[1].block_m, best[1].block_n, best[1].block_k)))
+    return row
+
+
 def layer_row(fp8: bool) -> dict:
     """fp16 vs ours on one decoder layer (its weights are freed on return)."""
     layer = Layer(fp8=fp8)
@@ -165,6 +200,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", help="write every number here")
     p.add_argument("--quick", action="store_true", help="two GEMM shapes only")
+    p.add_argument("--aot", action="store_true", help="also time the TensorRT AOT kernels (needs CuPy)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     card = torch.cuda.get_device_name()
@@ -206,6 +242,10 @@ def main(argv=None) -> int:
     rows = [gemm_row(m, k, n) for m, k, n in shapes]
     result["gemm"] = rows
 
+    aot_rows = []
+    if args.aot:
+        aot_rows = [aot_row(m, k, n, fp8) for m, k, n in AOT_SHAPES for fp8 in (False, True)]
+        result["aot"] = aot_rows
     layer_rows = [layer_row(fp8) for fp8 in (True, False)]
     result["decoder_layer"] = layer_rows
     if args.json:
@@ -219,6 +259,13 @@ def main(argv=None) -> int:
         base = r["fp16_cublas"]
         cells = [f"{r[k]:.0f} ({r[k] / base:.2f}x)" for k in cols]
         print(f"{r['M']:>6} {r['K']:>6} {r['N']:>6} {base:>6.0f} " + " ".join(f"{c:>16}" for c in cells))
+    if aot_rows:
+        print(f"\nTensorRT AOT kernels (PTX launched through the driver) vs the JIT kernel, TFLOP/s on {card}")
+        print(f"{'M':>6} {'K':>6} {'N':>6} {'prec':>5} {'JIT':>6} {'AOT <=48KiB':>20} {'AOT large smem':>20}")
+        for r in aot_rows:
+            small = f"{r['aot_48k']:.0f} ({r['aot_48k'] / r['jit']:.2f}x) {r['aot_48k_tile']}"
+            large = f"{r['aot_large']:.0f} ({r['aot_large'] / r['jit']:.2f}x) {r['aot_large_tile']}"
+            print(f"{r['M']:>6} {r['K']:>6} {r['N']:>6} {r['precision']:>5} {r['jit']:>6.0f} {small:>20} {large:>20}")
     print("\nDecoder layer prefill, 8192 tokens, hidden 4096")
     for r in layer_rows:
         print(f"  {r['precision']}: fp16 {r['fp16_ms']} ms, ours {r['ours_ms']} ms, {r['speedup']}x, "

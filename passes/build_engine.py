@@ -16,6 +16,7 @@ model's inputs, the trtexec command) runs without TensorRT; the build itself nee
 from __future__ import annotations
 
 import argparse
+import enum
 import importlib
 import os
 import shlex
@@ -63,6 +64,13 @@ class Profile:
         return tuple(f"{self.name}:{'x'.join(map(str, s))}" for s in (self.min, self.opt, self.max))
 
 
+class PluginImpl(enum.Enum):
+    """Which implementation of a Python plugin that has both TensorRT builds into the engine."""
+
+    AOT = "aot"  # compiled kernels embedded in the engine: it runs without Python (TensorRT >= 10.9)
+    JIT = "jit"  # the Python impl functions, called at run time (TensorRT >= 10.6)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     profiles: tuple[Profile, ...] = ()
@@ -71,6 +79,7 @@ class EngineConfig:
     python_plugins: tuple[str, ...] = ()  # modules registering tensorrt.plugin ops
     workspace_mib: int | None = None
     check: bool = True  # run the TensorRT rule checker first
+    plugin_impl: PluginImpl = PluginImpl.AOT
 
 
 @dataclass
@@ -186,6 +195,13 @@ def build_prepared(loaded: LoadedModel, engine: str | os.PathLike, config: Engin
         importlib.import_module(module)  # registers its ops through tensorrt.plugin decorators
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    if modules:  # a plugin with both implementations needs a preference, or TensorRT refuses it
+        prefer = "PREFER_AOT_PYTHON_PLUGINS" if config.plugin_impl is PluginImpl.AOT else "PREFER_JIT_PYTHON_PLUGINS"
+        if hasattr(trt.NetworkDefinitionCreationFlag, prefer):  # TensorRT >= 10.9
+            flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, prefer))
+        elif config.plugin_impl is PluginImpl.AOT:
+            raise SmoothQuantError(f"TensorRT {trt.__version__} has no AOT Python plugins (10.9 or newer does): "
+                                   f"use --plugin-impl jit")
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(loaded.path)):
@@ -233,13 +249,16 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--python-plugins", action="append", default=[], metavar="MODULE",
                    help="module that registers tensorrt.plugin ops (e.g. plugins.trt_plugins)")
     p.add_argument("--workspace-mib", type=int, help="builder workspace limit in MiB")
+    p.add_argument("--plugin-impl", choices=[i.value for i in PluginImpl], default=PluginImpl.AOT.value,
+                   help="Python plugins: embed compiled kernels in the engine (aot, default; runs without Python) "
+                        "or call the Python implementation at run time (jit)")
 
 
 def engine_config_from_args(args: argparse.Namespace, check: bool = True) -> EngineConfig:
     return EngineConfig(profiles=tuple(Profile.parse(p) for p in args.profile),
                         timing_cache=Path(args.timing_cache) if args.timing_cache else None,
                         plugins=tuple(Path(p) for p in args.plugins), python_plugins=tuple(args.python_plugins),
-                        workspace_mib=args.workspace_mib, check=check)
+                        workspace_mib=args.workspace_mib, check=check, plugin_impl=PluginImpl(args.plugin_impl))
 
 
 def get_parser() -> argparse.ArgumentParser:

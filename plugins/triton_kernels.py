@@ -155,13 +155,11 @@ def _bucket(m):
     return triton.next_power_of_2(m) if m <= 8192 else 16384
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "IS_FP8", "PRECISE"])
 @triton.jit
-def _w8a8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, M_BUCKET,
-                      stride_am, stride_bn, stride_cm,
-                      HAS_BIAS: tl.constexpr, IS_FP8: tl.constexpr, PRECISE: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
+def _gemm_tile(pid, a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, stride_am, stride_bn, stride_cm,
+               HAS_BIAS: tl.constexpr, IS_FP8: tl.constexpr, PRECISE: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """One output tile of the classic (pointer-load) kernel; the JIT and AOT kernels share it."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     group = GROUP_M * num_n
@@ -196,6 +194,16 @@ def _w8a8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M
         out += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "IS_FP8", "PRECISE"])
+@triton.jit
+def _w8a8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, M_BUCKET,
+                      stride_am, stride_bn, stride_cm,
+                      HAS_BIAS: tl.constexpr, IS_FP8: tl.constexpr, PRECISE: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    _gemm_tile(tl.program_id(0), a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K,
+               stride_am, stride_bn, stride_cm, HAS_BIAS, IS_FP8, PRECISE, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
 def _tma_configs():

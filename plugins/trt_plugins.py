@@ -1,17 +1,26 @@
-"""TensorRT plugins for the ``com.smoothquant`` ops (TensorRT >= 10.6 Python plugins, JIT).
+"""TensorRT plugins for the ``com.smoothquant`` ops (TensorRT >= 10.6 Python plugins; AOT from 10.9).
 
 Importing this module registers ``smoothquant::QuantizePerToken`` and ``smoothquant::W8A8Linear``
 with TensorRT's plugin registry; TensorRT's ONNX parser then maps the custom nodes written by
 ``--granularity per-token --target tensorrt`` onto them (their ``plugin_namespace`` attribute).
-``python -m passes.build_engine MODEL.onnx --python-plugins plugins.trt_plugins`` does that.
+``python -m passes.build_engine MODEL.onnx`` imports it for such models.
 
-The implementations call the Triton kernels of :mod:`plugins.triton_kernels` on TensorRT's
-stream, writing straight into TensorRT's output buffers. Schema: :mod:`plugins.schema`.
+Two implementations of each op; the engine builder picks one (``--plugin-impl``):
 
-Status: written against the documented ``tensorrt.plugin`` API and **not run**: TensorRT cannot
-be installed where this project is built and tested. The kernels themselves are tested on an
-H200 through PyTorch. An AOT implementation (``tensorrt.plugin.aot_impl``, TensorRT >= 10.9:
-PTX compiled from the Triton kernels, engines that run without Python) is not written yet.
+- AOT (default, TensorRT >= 10.9): ``aot_impl`` returns PTX compiled from the Triton kernels
+  (:mod:`plugins.aot`) with its launch parameters; TensorRT embeds it in the engine, which then
+  runs without Python. ``W8A8Linear`` offers the tiles of :data:`plugins.aot.LINEAR_TACTICS` as
+  custom tactics, so TensorRT's autotuner picks the fastest per layer.
+- JIT: ``impl`` calls the Triton kernels of :mod:`plugins.triton_kernels` on TensorRT's stream,
+  writing straight into TensorRT's output buffers.
+
+Schema: :mod:`plugins.schema`.
+
+Status: written against the documented ``tensorrt.plugin`` API and **not run under TensorRT**:
+TensorRT cannot be installed where this project is built and tested. The JIT kernels are tested
+on an H100/H200 through PyTorch; the AOT kernels are compiled to PTX and launched there through
+the CUDA driver with exactly the arguments, grid and shared memory returned here
+(``tests/test_kernels.py``), which is what TensorRT's launcher is documented to do.
 """
 
 from __future__ import annotations
@@ -20,12 +29,28 @@ import tensorrt as trt
 import tensorrt.plugin as trtp
 import torch
 
-from plugins import schema
+from plugins import aot, schema
 from plugins import triton_kernels as tk
 
 QUANTIZE_ID = f"{schema.PLUGIN_NAMESPACE}::{schema.QUANTIZE_PER_TOKEN}"
 LINEAR_ID = f"{schema.PLUGIN_NAMESPACE}::{schema.W8A8_LINEAR}"
 _OUT_DTYPES = {1: (trt.float32, torch.float32), 10: (trt.float16, torch.float16), 16: (trt.bfloat16, torch.bfloat16)}
+_TRITON_TYPES = {trt.float32: "fp32", trt.float16: "fp16", trt.bfloat16: "bf16"}
+
+
+def _constant(expr, what: str, op: str) -> int:
+    """A build-time constant dimension (the AOT kernels are compiled for it)."""
+    if not expr.is_constant:
+        raise ValueError(f"{op}: the AOT kernel needs {what} to be a build-time constant")
+    return int(expr.constant_value())
+
+
+def _launch(kernel: aot.AotKernel, grid_x, extra: list) -> tuple:
+    params = trtp.KernelLaunchParams()
+    params.grid_x = grid_x
+    params.block_x = kernel.threads
+    params.shared_mem = kernel.shared
+    return kernel.name, kernel.ptx, params, trtp.SymIntExprs.from_tuple(extra)
 
 
 @trtp.register(QUANTIZE_ID)
@@ -64,3 +89,29 @@ def _linear_impl(q: trtp.Tensor, x_scale: trtp.Tensor, w: trtp.Tensor, w_scale: 
         tk.w8a8_gemm(qt.reshape(-1, k), torch.as_tensor(x_scale, device="cuda").reshape(-1), wt,
                      torch.as_tensor(w_scale, device="cuda"), torch.as_tensor(bias, device="cuda"),
                      out_dtype=_OUT_DTYPES[out_dtype][1], out=out)
+
+
+@trtp.aot_impl(QUANTIZE_ID)
+def _quantize_aot(x: trtp.TensorDesc, qtype: str, outputs: tuple[trtp.TensorDesc, trtp.TensorDesc],
+                  tactic: int) -> tuple:
+    k = _constant(x.shape_expr[x.ndim - 1], "the last dimension K", QUANTIZE_ID)
+    kernel, _ = aot.quantize_kernel(_TRITON_TYPES[x.dtype], k, qtype == "fp8")
+    return _launch(kernel, x.shape_expr.numel() // k, [])
+
+
+@trtp.autotune(LINEAR_ID)
+def _linear_tactics(q: trtp.TensorDesc, x_scale: trtp.TensorDesc, w: trtp.TensorDesc, w_scale: trtp.TensorDesc,
+                    bias: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc]) -> list:
+    return [trtp.AutoTuneCombination(tactics=range(1, len(aot.LINEAR_TACTICS) + 1))]
+
+
+@trtp.aot_impl(LINEAR_ID)
+def _linear_aot(q: trtp.TensorDesc, x_scale: trtp.TensorDesc, w: trtp.TensorDesc, w_scale: trtp.TensorDesc,
+                bias: trtp.TensorDesc, out_dtype: int, outputs: tuple[trtp.TensorDesc], tactic: int) -> tuple:
+    n = _constant(w.shape_expr[0], "N (the weight's rows)", LINEAR_ID)
+    k = _constant(w.shape_expr[1], "K (the weight's columns)", LINEAR_ID)
+    tile = aot.tactic_tile(tactic)
+    kernel, _ = aot.linear_kernel(n, k, q.dtype == trt.fp8, _TRITON_TYPES[outputs[0].dtype], tile)
+    m = q.shape_expr.numel() // k
+    grid = trtp.cdiv(m, tile.block_m) * ((n + tile.block_n - 1) // tile.block_n)
+    return _launch(kernel, grid, [trtp.SymInt32(m)])

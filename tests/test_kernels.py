@@ -126,3 +126,68 @@ def test_triton_silu_mul_quantize_matches_reference(fp8):
     q_ref, s_ref = silu_mul_quantize(gu, QType.FP8 if fp8 else QType.INT8)
     np.testing.assert_allclose(s.cpu().numpy(), s_ref, rtol=1e-5)
     assert (q.float().cpu().numpy() != q_ref.astype(np.float32)).mean() < 1e-2
+
+
+def test_ptx_keeps_only_the_arguments_tensorrt_passes():
+    from plugins.ptx import strip_unused_trailing_params
+
+    ptx = """.visible .entry k(
+	.param .u64 .ptr .global .align 1 k_param_0,
+	.param .u32 k_param_1,
+	.param .u64 .ptr .global .align 1 k_param_2,
+	.param .u64 .ptr .global .align 1 k_param_3
+)
+{
+	ld.param.u64 	%rd1, [k_param_0];
+	ld.param.u32 	%r1, [k_param_1];
+}"""
+    out = strip_unused_trailing_params(ptx, "k", 2)
+    assert "k_param_1" in out and "k_param_2" not in out and "k_param_3" not in out
+    assert out.endswith(ptx[ptx.index(")"):])
+    with pytest.raises(ValueError, match="reads its parameter 'k_param_1'"):
+        strip_unused_trailing_params(ptx, "k", 1)
+    with pytest.raises(ValueError, match="not found"):
+        strip_unused_trailing_params(ptx, "other", 1)
+
+
+def _cupy() -> bool:
+    return importlib.util.find_spec("cupy") is not None
+
+
+aot_gpu = pytest.mark.skipif(not (_gpu() and _cupy()), reason="needs a CUDA GPU with Triton and CuPy")
+
+
+@aot_gpu
+@pytest.mark.parametrize("fp8", [False, True])
+def test_aot_kernels_launched_as_tensorrt_would(fp8):
+    """The PTX and launch parameters the TensorRT plugins hand over, launched through the CUDA driver
+    with TensorRT's argument order (inputs, extra scalars, outputs): same results as the JIT kernels,
+    for every tile (the tactics and the large-shared-memory ones), at awkward M."""
+    import torch
+
+    from plugins import aot
+    from plugins import triton_kernels as tk
+
+    torch.manual_seed(0)
+    stream = torch.cuda.current_stream().cuda_stream
+    for m, k, n in ((1, 4096, 4096), (77, 4096, 11008), (1000, 11008, 4096)):
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16) * 3
+        kernel, grid = aot.quantize_kernel("fp16", k, fp8)
+        q = torch.empty(m, k, device="cuda", dtype=torch.float8_e4m3fn if fp8 else torch.int8)
+        s = torch.empty(m, device="cuda", dtype=torch.float32)
+        aot.driver_launch(kernel, grid(m), (x, q, s), stream)
+        q_ref, s_ref = tk.quantize_per_token(x, fp8)
+        torch.cuda.synchronize()
+        assert torch.equal(s, s_ref) and torch.equal(q.view(torch.int8), q_ref.view(torch.int8))
+        w = (torch.randn(n, k, device="cuda") * 50).clamp(-127, 127)
+        w = w.to(torch.float8_e4m3fn) if fp8 else w.round().to(torch.int8)
+        w_scale = torch.rand(n, device="cuda") * 0.01 + 1e-3
+        bias = torch.randn(n, device="cuda")
+        ref = tk.w8a8_gemm(q, s, w, w_scale, bias, impl="classic").float()
+        for tile in aot.SMALL_TILES + aot.LARGE_TILES:
+            kernel, grid = aot.linear_kernel(n, k, fp8, "fp16", tile)
+            y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
+            aot.driver_launch(kernel, grid(m), (q, s, w, w_scale, bias, m, y), stream)
+            torch.cuda.synchronize()
+            err = ((y.float() - ref).norm() / ref.norm()).item()
+            assert err < (1e-3 if fp8 else 1e-6), (m, k, n, tile, err)  # FP8: accumulation order per tile
