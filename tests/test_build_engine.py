@@ -31,6 +31,17 @@ def test_profile_parsing():
             Profile.parse(bad)
 
 
+def test_plugin_impl_option():
+    from passes.build_engine import PluginImpl, engine_config_from_args, get_parser
+
+    args = get_parser().parse_args(["m.onnx", "-o", "m.plan"])
+    assert engine_config_from_args(args).plugin_impl is PluginImpl.AOT  # engines that run without Python
+    args = get_parser().parse_args(["m.onnx", "-o", "m.plan", "--plugin-impl", "jit"])
+    assert engine_config_from_args(args).plugin_impl is PluginImpl.JIT
+    with pytest.raises(SystemExit):
+        get_parser().parse_args(["m.onnx", "--plugin-impl", "cubin"])
+
+
 def test_trtexec_command(quantized_bert, tmp_path):
     _, command = prepare(quantized_bert, tmp_path / "e.plan",
                          EngineConfig(BERT_PROFILES, timing_cache=tmp_path / "tc.bin", workspace_mib=1024))
