@@ -41,7 +41,9 @@ def settings() -> list[tuple[str, SmoothQuantConfig]]:
         ("int8 per-token, no smoothing", cfg(SmoothingConfig(enabled=False), **per_token)),
         ("int8 per-token, α=0.5", cfg(SmoothingConfig(0.5), **per_token)),
         ("int8 per-token, α=0.8", cfg(SmoothingConfig(0.8), **per_token)),
+        ("fp8 per-token, no smoothing", cfg(SmoothingConfig(enabled=False), precision=Precision.FP8, **per_token)),
         ("fp8 per-token, α=0.5", cfg(SmoothingConfig(0.5), precision=Precision.FP8, **per_token)),
+        ("fp8 per-token, α=0.8", cfg(SmoothingConfig(0.8), precision=Precision.FP8, **per_token)),
     ]
 
 

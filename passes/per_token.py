@@ -64,10 +64,11 @@ def quantize_per_token(view: GraphView, linear_ops: list[LinearOp], opset: int,
             report.skipped.append((op.name, f"weight has rank {w.ndim}, not 2"))
             continue
         w_kn = w if op.weight_out_axis == 1 else w.T  # [K, N]
-        w_scale = per_channel_weight_scale(w_kn, 1, fmt.qmax)
+        dtype = activation_dtype(view, node.input[0])
+        # the plugins take float32 scales; the ONNX lowering rescales in the activation type
+        w_scale = per_channel_weight_scale(w_kn, 1, fmt.qmax, np.dtype(np.float32) if custom else dtype)
         w_q = quantize_weight(w_kn, w_scale, 1, fmt)  # [K, N]
         bias = node.input[2] if op.kind is LinearKind.GEMM and len(node.input) > 2 and node.input[2] else None
-        dtype = activation_dtype(view, node.input[0])
         x, y = node.input[0], node.output[0]
         tag = op.name
         if custom:

@@ -107,11 +107,15 @@ class QuantReport:
         return "\n".join(lines)
 
 
-def per_channel_weight_scale(weight: np.ndarray, out_axis: int, qmax: float = INT8_MAX) -> np.ndarray:
-    """Symmetric scale per output channel (shape ``[N]``); all-zero channels get 1."""
+def per_channel_weight_scale(weight: np.ndarray, out_axis: int, qmax: float = INT8_MAX,
+                             dtype: np.dtype | None = None) -> np.ndarray:
+    """Symmetric scale per output channel (shape ``[N]``); all-zero channels get 1.
+
+    Returned in ``dtype`` (default: the weight's), the type it is stored in, so that
+    :func:`quantize_weight` divides by exactly the value DequantizeLinear multiplies by."""
     axes = tuple(a for a in range(weight.ndim) if a != out_axis)
     amax = np.abs(weight.astype(np.float64)).max(axis=axes)
-    return np.where(amax > 0, amax / qmax, 1.0)
+    return np.where(amax > 0, amax / qmax, 1.0).astype(dtype or weight.dtype)
 
 
 def quantize_weight(weight: np.ndarray, scale: np.ndarray, out_axis: int,
@@ -180,7 +184,7 @@ def _quantize_weight_input(view: GraphView, names: NameFactory, source: str, axi
     w = view.store.array(source)
     w_scale = per_channel_weight_scale(w, axis, fmt.qmax)
     s_name, z_name = names.scale(source), names.zero_point(source)
-    view.set_initializer(s_name, w_scale.astype(w.dtype))
+    view.set_initializer(s_name, w_scale)
     view.set_initializer(z_name, np.zeros(w_scale.size, dtype=fmt.dtype()))
     dq_out, q_name = names.dequantized(source), names.quantized(source)
     if storage is WeightStorage.QUANTIZED:
