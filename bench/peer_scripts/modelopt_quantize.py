@@ -8,19 +8,10 @@ its fp16 default makes every comparison on a CPU a comparison of fp16 emulation)
 inputs: the whole .npz at once. Prints one JSON line: seconds, peak RSS MB, version.
 """
 
-import json
 import sys
 import time
-from pathlib import Path
 
-import numpy as np
-
-
-def peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+from peer_common import load_arrays, report
 
 
 def main() -> None:
@@ -31,13 +22,10 @@ def main() -> None:
     import modelopt
     from modelopt.onnx.quantization import quantize
 
-    with np.load(calib_path) as z:
-        calib = {k: z[k] for k in z.files}
-    quantize(model_path, quantize_mode=mode, calibration_data=calib, calibration_eps=["cpu"], calibration_method=method,
+    quantize(model_path, quantize_mode=mode, calibration_data=load_arrays(calib_path), calibration_eps=["cpu"], calibration_method=method,
              high_precision_dtype="fp32", output_path=out_path, log_level="WARNING",
              use_external_data_format="--external-data" in sys.argv)
-    print(json.dumps({"seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
-                      "modelopt": modelopt.__version__}))
+    report(start, modelopt=modelopt.__version__)
 
 
 if __name__ == "__main__":

@@ -7,28 +7,16 @@ QDQ, MatMul only, uint8 asymmetric activations, int8 symmetric per-channel weigh
 Prints one JSON line: seconds, peak RSS MB.
 """
 
-import json
 import sys
 import time
-from pathlib import Path
 
-import numpy as np
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-
-def peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+from peer_common import batches, report
 
 
 class Reader(CalibrationDataReader):
     def __init__(self, path):
-        with np.load(path) as z:
-            arrays = {k: z[k] for k in z.files}
-        n = next(iter(arrays.values())).shape[0]
-        self.it = iter([{k: v[i:i + 8] for k, v in arrays.items()} for i in range(0, n, 8)])
+        self.it = iter(batches(path))
 
     def get_next(self):
         return next(self.it, None)
@@ -42,7 +30,7 @@ def main() -> None:
                     op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
                     extra_options={"WeightSymmetric": True, "SmoothQuant": True, "SmoothQuantAlpha": alpha,
                                    "SmoothQuantFolding": True})
-    print(json.dumps({"seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": round(peak_rss_mb(), 1)}))
+    report(start)
 
 
 if __name__ == "__main__":
