@@ -1,6 +1,6 @@
 """Our W8A8 against ONNX Runtime's quantizers, NNCF and ModelOpt, side by side in one run.
 
-    python -m bench.peers_ort [--model minilm|smollm2] [--out models/real] [--rounds N] [--only TEXT] [--json OUT.json]
+    python -m bench.peers_ort [--model minilm|smollm2] [--out models/real] [--rounds N] [--only TEXT ...] [--json OUT.json]
 
 Same model file, same calibration set and held-out set for every tool (``models.export``:
 all-MiniLM-L6-v2 with 128 calibration / 256 held-out handbook paragraphs; SmolLM2-135M with
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     p.add_argument("--inc-venv", default=str(ROOT / ".cache" / "venv-inc"),
                    help="environment for ORT's SmoothQuant (neural-compressor 3.7.1, numpy<2)")
     p.add_argument("--modelopt-venv", default=str(ROOT / ".cache" / "venv-modelopt"), help="ModelOpt's virtual environment")
-    p.add_argument("--only", help="run only tools whose label contains this")
+    p.add_argument("--only", action="append", help="run only tools whose label contains this (repeatable)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--target", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, tool in enumerate([*ours(args.model), *peers(args.model)]):
-            if args.only and args.only not in tool:
+            if args.only and not any(text in tool for text in args.only):
                 continue
             target = Path(tmp) / f"q{i}.onnx"
             done = run_tool(tool, args, model, target)
