@@ -32,6 +32,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# Our rows: settings of the per-model benches (same configurations, same labels after "ours ").
+OURS = {"minilm": ("int8 α auto, --target onnxruntime", "int8 α=0.9", "fp8 no smoothing"),
+        "smollm2": ("int8 per-tensor, α=0.8, --target onnxruntime", "int8 per-tensor, α=0.8, 8 FP layers",
+                    "int8 per-token, α=0.5", "fp8 per-tensor, no smoothing")}
+
+
 def peers(model: str) -> list[str]:
     # ModelOpt's default (entropy) calibration fails on SmolLM2 ("Too many bins for data range"): max there.
     modelopt = " (max calibration)" if model == "smollm2" else ""
@@ -41,26 +47,11 @@ def peers(model: str) -> list[str]:
 
 
 def ours(model: str) -> dict:
-    """Our rows per model: label -> SmoothQuantConfig."""
-    from bench.minilm import GRID  # noqa: PLC0415
-    from passes import CalibrationConfig, QuantizationConfig, SmoothingConfig, SmoothQuantConfig  # noqa: PLC0415
-    from passes.config import Granularity, Precision, Target  # noqa: PLC0415
+    """Our rows per model: "ours <label>" -> the SmoothQuantConfig of ``bench.<model>``'s setting."""
+    import importlib  # noqa: PLC0415
 
-    quiet = CalibrationConfig(progress=False, batch_size=BATCH[model])
-
-    def cfg(smoothing, **quant):
-        return SmoothQuantConfig(smoothing, quiet, QuantizationConfig(**quant))
-
-    fp8 = cfg(SmoothingConfig(enabled=False), precision=Precision.FP8)
-    if model == "minilm":
-        return {"ours int8 α auto --target onnxruntime": cfg(SmoothingConfig(alpha_grid=GRID), target=Target.ONNXRUNTIME),
-                "ours int8 α=0.9 (TensorRT placement)": cfg(SmoothingConfig(0.9)),
-                "ours fp8 no smoothing (TensorRT placement)": fp8}
-    return {"ours int8 α=0.8 --target onnxruntime": cfg(SmoothingConfig(0.8), target=Target.ONNXRUNTIME),
-            "ours int8 α=0.8, 8 FP layers (TensorRT placement)": cfg(SmoothingConfig(0.8), max_fp_layers=8),
-            "ours int8 per-token α=0.5 --target onnxruntime": cfg(SmoothingConfig(0.5), target=Target.ONNXRUNTIME,
-                                                                   granularity=Granularity.PER_TOKEN),
-            "ours fp8 no smoothing (TensorRT placement)": fp8}
+    settings = dict(importlib.import_module(f"bench.{model}").settings())
+    return {f"ours {label}": settings[label] for label in OURS[model]}
 
 
 BATCH = {"minilm": 8, "smollm2": 4}
