@@ -173,6 +173,12 @@ def make_reduce(op: str, inp: str, out: str, axes: list[int], opset: int, name: 
     return onnx.helper.make_node(op, [inp], [out], name=name, axes=axes, keepdims=keepdims)
 
 
+def ensure_opset_import(model: onnx.ModelProto, domain: str, version: int) -> None:
+    """Import ``domain`` at ``version`` unless the model already imports it (custom and contrib ops)."""
+    if not any(i.domain == domain for i in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(domain, version))
+
+
 def attribute(node: onnx.NodeProto, name: str, default=None):
     for attr in node.attribute:
         if attr.name == name:

@@ -29,6 +29,7 @@ from onnx import helper
 from passes.graph import GraphView, attribute
 
 MS_DOMAIN = "com.microsoft"
+MS_VERSION = 1
 KERNEL = "MatMulIntegerToFloat"
 
 
@@ -43,8 +44,8 @@ class LoweringReport:
 
 
 def lower_for_onnxruntime(view: GraphView) -> LoweringReport:
-    """Rewrite ``view.graph`` in place. The caller adds the ``com.microsoft`` opset import to the
-    model (:func:`add_ms_opset`) when anything was lowered."""
+    """Rewrite ``view.graph`` in place. The caller adds the ``com.microsoft`` opset import
+    (:data:`MS_DOMAIN`, version :data:`MS_VERSION`) to the model when anything was lowered."""
     report = LoweringReport()
     replaced: dict[int, onnx.NodeProto] = {}  # id(old MatMul) -> new node
     removed: set[int] = set()
@@ -77,11 +78,6 @@ def lower_for_onnxruntime(view: GraphView) -> LoweringReport:
     _drop_dead_dequantize(view)
     view.drop_unused_initializers()
     return report
-
-
-def add_ms_opset(model: onnx.ModelProto) -> None:
-    if not any(i.domain == MS_DOMAIN for i in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
 
 
 def _scalar(view: GraphView, name: str, dtype) -> bool:

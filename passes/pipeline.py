@@ -28,16 +28,16 @@ from passes.clip_search import ClipChoice, search_clipping
 from passes.config import Granularity, QuantizationConfig, SmoothQuantConfig, Target
 from passes.errors import SmoothQuantError
 from passes.fold import SmoothingReport, fold_smoothing
-from passes.graph import GraphView, opset_version
+from passes.graph import GraphView, ensure_opset_import, opset_version
 from passes.linear import find_linear_ops
 from passes.onnx_io import LoadedModel, TensorStore, load_model, save_model
+from passes.ort_lowering import MS_DOMAIN, MS_VERSION, lower_for_onnxruntime
 from passes.patterns import LinearOutputFold
-from passes.ort_lowering import add_ms_opset, lower_for_onnxruntime
 from passes.per_token import quantize_per_token
-from plugins import schema as plugin_schema
 from passes.qdq import FORMATS, ActivationRange, QuantReport, quantize_linear_ops
 from passes.sensitivity import LayerError, choose_fp_layers, measure_layer_errors
 from passes.smooth import PlannedGroup, SmoothingGroup, find_groups, plan_smoothing, smoothed_range, stat_targets
+from plugins import schema as plugin_schema
 
 CalibSource = str | os.PathLike | Iterable[Feed]
 
@@ -204,9 +204,7 @@ def _quantize(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup]
         quant_report = quantize_per_token(view, candidates, opset, qconfig)
         quant_report.skipped[:0] = kept_fp
         if qconfig.target is Target.TENSORRT and quant_report.quantized:
-            model_opsets = loaded.proto.opset_import
-            if not any(i.domain == plugin_schema.DOMAIN for i in model_opsets):
-                model_opsets.append(onnx.helper.make_opsetid(plugin_schema.DOMAIN, plugin_schema.VERSION))
+            ensure_opset_import(loaded.proto, plugin_schema.DOMAIN, plugin_schema.VERSION)
         return quant_report, []
     errors: list[LayerError] = []
     if qconfig.max_fp_layers > 0:
@@ -223,7 +221,7 @@ def _quantize(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup]
     if qconfig.target is Target.ONNXRUNTIME:
         lowering = lower_for_onnxruntime(view)
         if lowering.lowered:
-            add_ms_opset(loaded.proto)
+            ensure_opset_import(loaded.proto, MS_DOMAIN, MS_VERSION)
             messages.append(lowering.summary())
     if qconfig.check and qconfig.target is Target.TENSORRT:
         check = check_graph(view, opset)

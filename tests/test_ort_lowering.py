@@ -9,9 +9,9 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from passes.graph import GraphView
+from passes.graph import GraphView, ensure_opset_import
 from passes.onnx_io import LoadedModel, TensorStore
-from passes.ort_lowering import add_ms_opset, lower_for_onnxruntime
+from passes.ort_lowering import MS_DOMAIN, MS_VERSION, lower_for_onnxruntime
 
 
 def graph(rng) -> onnx.ModelProto:
@@ -58,7 +58,7 @@ def test_lowered_matmuls_compute_the_qdq_graph():
     reference.CopyFrom(model)
     view = GraphView(model.graph, TensorStore(LoadedModel(model, Path("memory.onnx"))))
     report = lower_for_onnxruntime(view)
-    add_ms_opset(model)
+    ensure_opset_import(model, MS_DOMAIN, MS_VERSION)
     assert len(report.lowered) == 3
     assert report.bias_fused == 1
     ops = [n.op_type for n in model.graph.node]
