@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from plugins.ptx import strip_unused_trailing_params
-from plugins.triton_kernels import MAX_ROW, _gemm_tile, _quantize_rows
+from plugins.triton_kernels import _gemm_tile, _quantize_rows, row_tile
 
 DEFAULT_SHARED_LIMIT = 48 * 1024
 
@@ -81,10 +81,7 @@ def _w8a8_linear_aot(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, M, c_ptr,
 
 def quantize_kernel(x_type: str, k: int, fp8: bool, arch: int | None = None) -> tuple[AotKernel, Callable[[int], int]]:
     """``x_type``: ``fp16``, ``bf16`` or ``fp32``. Returns the kernel and ``grid(rows)``."""
-    if k > MAX_ROW:
-        raise ValueError(f"rows longer than {MAX_ROW} are not supported (K={k})")
-    block = triton.next_power_of_2(k)
-    warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
+    block, warps = row_tile(k)
     kernel = _compile(_quantize_rows_aot, {"x_ptr": f"*{x_type}", "q_ptr": "*fp8e4nv" if fp8 else "*i8",
                                            "scale_ptr": "*fp32"},
                       {"K": k, "IS_FP8": fp8, "BLOCK": block}, warps, 1, arch)
@@ -98,7 +95,8 @@ def tactic_tile(tactic: int) -> Tile:
 
 def linear_kernel(n: int, k: int, fp8: bool, out_type: str, tile: Tile = LINEAR_TACTICS[0], *, precise: bool = False,
                   arch: int | None = None) -> tuple[AotKernel, Callable[[int], int]]:
-    """``out_type``: ``fp16``, ``bf16`` or ``fp32``. Returns the kernel and ``grid(M)``."""
+    """``out_type``: ``fp16``, ``bf16`` or ``fp32``. Returns the kernel and ``grid(M)`` (M an int,
+    or the symbolic size TensorRT's ``aot_impl`` sees)."""
     operand = "*fp8e4nv" if fp8 else "*i8"
     kernel = _compile(_w8a8_linear_aot,
                       {"a_ptr": operand, "a_scale_ptr": "*fp32", "b_ptr": operand, "b_scale_ptr": "*fp32",
@@ -106,7 +104,8 @@ def linear_kernel(n: int, k: int, fp8: bool, out_type: str, tile: Tile = LINEAR_
                       {"N": n, "K": k, "IS_FP8": fp8, "PRECISE": precise, "BLOCK_M": tile.block_m,
                        "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "GROUP_M": 8},
                       tile.warps, tile.stages, arch)
-    return kernel, lambda m: triton.cdiv(m, tile.block_m) * triton.cdiv(n, tile.block_n)
+    # + // * only: the same expression serves an int M and TensorRT's symbolic one
+    return kernel, lambda m: (m + tile.block_m - 1) // tile.block_m * triton.cdiv(n, tile.block_n)
 
 
 def _compile(fn, signature: dict[str, str], constexprs: dict, warps: int, stages: int, arch: int | None) -> AotKernel:

@@ -87,27 +87,32 @@ def _qdtype(fp8: bool) -> torch.dtype:
     return torch.float8_e4m3fn if fp8 else torch.int8
 
 
-def _row_launch(x: torch.Tensor) -> tuple[int, int, int]:
+def row_tile(k: int, what: str = "K") -> tuple[int, int]:
+    """(BLOCK, num_warps) of the one-program-per-row kernels for rows of ``k`` elements, held whole
+    in registers (so at most :data:`MAX_ROW`)."""
+    if k > MAX_ROW:
+        raise ValueError(f"rows longer than {MAX_ROW} are not supported ({what}={k})")
+    block = triton.next_power_of_2(k)
+    return block, 4 if block <= 2048 else 8 if block <= 8192 else 16
+
+
+def _row_launch(x: torch.Tensor) -> tuple[int, int, int, int]:
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"x must be a row-major [M, K] tensor, got shape {tuple(x.shape)} strides {x.stride()}")
     m, k = x.shape
-    if k > MAX_ROW:
-        raise ValueError(f"rows longer than {MAX_ROW} are not supported (K={k})")
-    block = triton.next_power_of_2(k)
-    return m, k, block
+    return m, k, *row_tile(k)
 
 
 def quantize_per_token(x: torch.Tensor, fp8: bool = False, smooth: torch.Tensor | None = None,
                        out: tuple[torch.Tensor, torch.Tensor] | None = None):
     """``x`` [M, K] fp16/bf16/fp32 -> (q [M, K] int8 or float8_e4m3fn, scale [M] fp32); ``out``:
     buffers to write into (a plugin's outputs)."""
-    m, k, block = _row_launch(x)
+    m, k, block, warps = _row_launch(x)
     if out is None:
         q = torch.empty((m, k), dtype=_qdtype(fp8), device=x.device)
         scale = torch.empty(m, dtype=torch.float32, device=x.device)
     else:
         q, scale = out
-    warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
     _quantize_rows[(m,)](x, smooth if smooth is not None else x, q, scale, k, x.stride(0),
                          HAS_V=smooth is not None, IS_FP8=fp8, BLOCK=block, num_warps=warps)
     return q, scale
@@ -116,10 +121,9 @@ def quantize_per_token(x: torch.Tensor, fp8: bool = False, smooth: torch.Tensor 
 def norm_quantize(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor | None = None, eps: float = 1e-6,
                   fp8: bool = False):
     """RMSNorm (``beta`` None) or LayerNorm of ``x`` [M, K], then per-token quantize; one read of x."""
-    m, k, block = _row_launch(x)
+    m, k, block, warps = _row_launch(x)
     q = torch.empty((m, k), dtype=_qdtype(fp8), device=x.device)
     scale = torch.empty(m, dtype=torch.float32, device=x.device)
-    warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
     _norm_quantize_rows[(m,)](x, gamma, beta if beta is not None else gamma, q, scale, k, x.stride(0), eps,
                               HAS_BETA=beta is not None, IS_FP8=fp8, BLOCK=block, num_warps=warps)
     return q, scale
@@ -130,13 +134,10 @@ def silu_mul_quantize(gate_up: torch.Tensor, fp8: bool = False):
     if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.stride(1) != 1:
         raise ValueError(f"gate_up must be a row-major [M, 2I] tensor, got {tuple(gate_up.shape)}")
     m, k = gate_up.shape[0], gate_up.shape[1] // 2
-    if k > MAX_ROW:
-        raise ValueError(f"rows longer than {MAX_ROW} are not supported (I={k})")
-    block = triton.next_power_of_2(k)
+    block, warps = row_tile(k, "I")
     q = torch.empty((m, k), dtype=_qdtype(fp8), device=gate_up.device)
     scale = torch.empty(m, dtype=torch.float32, device=gate_up.device)
-    _silu_mul_quantize_rows[(m,)](gate_up, q, scale, k, gate_up.stride(0), IS_FP8=fp8, BLOCK=block,
-                                  num_warps=4 if block <= 2048 else 8 if block <= 8192 else 16)
+    _silu_mul_quantize_rows[(m,)](gate_up, q, scale, k, gate_up.stride(0), IS_FP8=fp8, BLOCK=block, num_warps=warps)
     return q, scale
 
 
@@ -153,6 +154,19 @@ def _gemm_configs():
 
 def _bucket(m):
     return triton.next_power_of_2(m) if m <= 8192 else 16384
+
+
+@triton.jit
+def _mma(a, b, acc, IS_FP8: tl.constexpr, PRECISE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``acc += a @ b``: int32 accumulation for INT8; fp32 for FP8, promoted every K block when
+    PRECISE (Hopper's FP8 MMA otherwise accumulates with fewer mantissa bits)."""
+    if IS_FP8 and PRECISE:
+        acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
+    elif IS_FP8:
+        acc = tl.dot(a, b, acc)
+    else:  # every branch in if/else: Triton compiles code after a constexpr if, even past a return
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+    return acc
 
 
 @triton.jit
@@ -179,12 +193,7 @@ def _gemm_tile(pid, a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, 
         k_left = K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
         b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        if IS_FP8 and PRECISE:  # Hopper's FP8 MMA accumulates in reduced precision: promote per block
-            acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
-        elif IS_FP8:
-            acc = tl.dot(a, b, acc)
-        else:
-            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        acc = _mma(a, b, acc, IS_FP8, PRECISE, BLOCK_K)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     a_scale = tl.load(a_scale_ptr + rm)
@@ -237,12 +246,7 @@ def _w8a8_gemm_tma_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_pt
         for ki in range(k_tiles):
             a = a_desc.load([off_m, ki * BLOCK_K])
             b = b_desc.load([off_n, ki * BLOCK_K])
-            if IS_FP8 and PRECISE:
-                acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=BLOCK_K)
-            elif IS_FP8:
-                acc = tl.dot(a, b.T, acc)
-            else:
-                acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+            acc = _mma(a, b.T, acc, IS_FP8, PRECISE, BLOCK_K)
         rm = off_m + tl.arange(0, BLOCK_M)
         rn = off_n + tl.arange(0, BLOCK_N)
         a_scale = tl.load(a_scale_ptr + rm, mask=rm < M, other=0.0)

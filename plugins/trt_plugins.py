@@ -95,8 +95,8 @@ def _linear_impl(q: trtp.Tensor, x_scale: trtp.Tensor, w: trtp.Tensor, w_scale: 
 def _quantize_aot(x: trtp.TensorDesc, qtype: str, outputs: tuple[trtp.TensorDesc, trtp.TensorDesc],
                   tactic: int) -> tuple:
     k = _constant(x.shape_expr[x.ndim - 1], "the last dimension K", QUANTIZE_ID)
-    kernel, _ = aot.quantize_kernel(_TRITON_TYPES[x.dtype], k, qtype == "fp8")
-    return _launch(kernel, x.shape_expr.numel() // k, [])
+    kernel, grid = aot.quantize_kernel(_TRITON_TYPES[x.dtype], k, qtype == "fp8")
+    return _launch(kernel, grid(x.shape_expr.numel() // k), [])
 
 
 @trtp.autotune(LINEAR_ID)
@@ -110,8 +110,6 @@ def _linear_aot(q: trtp.TensorDesc, x_scale: trtp.TensorDesc, w: trtp.TensorDesc
                 bias: trtp.TensorDesc, out_dtype: int, outputs: tuple[trtp.TensorDesc], tactic: int) -> tuple:
     n = _constant(w.shape_expr[0], "N (the weight's rows)", LINEAR_ID)
     k = _constant(w.shape_expr[1], "K (the weight's columns)", LINEAR_ID)
-    tile = aot.tactic_tile(tactic)
-    kernel, _ = aot.linear_kernel(n, k, q.dtype == trt.fp8, _TRITON_TYPES[outputs[0].dtype], tile)
+    kernel, grid = aot.linear_kernel(n, k, q.dtype == trt.fp8, _TRITON_TYPES[outputs[0].dtype], aot.tactic_tile(tactic))
     m = q.shape_expr.numel() // k
-    grid = trtp.cdiv(m, tile.block_m) * ((n + tile.block_n - 1) // tile.block_n)
-    return _launch(kernel, grid, [trtp.SymInt32(m)])
+    return _launch(kernel, grid(m), [trtp.SymInt32(m)])
