@@ -35,6 +35,13 @@ class Granularity(enum.Enum):
     PER_TOKEN = "per-token"
 
 
+class WeightRounding(enum.Enum):
+    """How weights are rounded onto their per-channel grid."""
+
+    NEAREST = "nearest"  # each weight to its nearest grid point
+    GPTQ = "gptq"  # error-compensating (passes.gptq): one more pass over the calibration data
+
+
 class WeightStorage(enum.Enum):
     QUANTIZED = "quantized"  # int8/float8 initializer + DequantizeLinear (file ~4x smaller than fp32)
     FLOAT = "float"  # FP initializer + QuantizeLinear -> DequantizeLinear (weights stay editable)
@@ -84,6 +91,7 @@ class QuantizationConfig:
     check: bool = True
     clip_grid: tuple[float, ...] = ()  # ratios of the calibrated range to try per group; () = max calibration
     granularity: Granularity = Granularity.PER_TENSOR
+    weight_rounding: WeightRounding = WeightRounding.NEAREST
 
     def __post_init__(self):
         if any(not 0.0 < r <= 1.0 for r in self.clip_grid):
@@ -102,6 +110,8 @@ class QuantizationConfig:
         if per_token and (self.max_fp_layers or self.clip_grid):
             raise SmoothQuantError("--max-fp-layers and --clip search measure static per-tensor ranges: they do not "
                                    "apply to --granularity per-token")
+        if self.weight_rounding is WeightRounding.GPTQ and self.weights is WeightStorage.FLOAT:
+            raise SmoothQuantError("--weight-rounding gptq stores the rounded weights: it needs --weights quantized")
         if per_token and self.weights is WeightStorage.FLOAT:
             raise SmoothQuantError("--weights float applies to Q/DQ (per-tensor) placement only")
 

@@ -32,6 +32,9 @@ class NameFactory:
     def amax_node(self, tensor: str, step: str) -> str:
         return self.unique(f"{PREFIX}_calib::{tensor}::{step}")
 
+    def gram_output(self, tensor: str) -> str:
+        return self.unique(f"{PREFIX}_gram::{tensor}")
+
     # Smoothing.
     def cloned_constant(self, original: str) -> str:
         return self.unique(f"{original}.{PREFIX}_smoothed")

@@ -23,6 +23,8 @@ With ``tensorrt`` the caller adds the ``com.smoothquant`` opset import to the mo
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import onnx
 from onnx import helper
@@ -39,8 +41,9 @@ TINY = 1e-12
 
 
 def quantize_per_token(view: GraphView, linear_ops: list[LinearOp], opset: int,
-                       config: QuantizationConfig) -> QuantReport:
-    """Rewrite every op of ``linear_ops`` to per-token dynamic W8A8; returns what was done."""
+                       config: QuantizationConfig, hessians: Mapping[str, np.ndarray] | None = None) -> QuantReport:
+    """Rewrite every op of ``linear_ops`` to per-token dynamic W8A8; returns what was done.
+    ``hessians``: per weight initializer, ``Σ xᵀx`` of its ops' inputs, for GPTQ rounding."""
     fmt = FORMATS[config.precision]
     if config.precision is Precision.FP8 and opset < 19:
         raise SmoothQuantError(f"FP8 casts need opset >= 19, the model has {opset}")
@@ -59,7 +62,8 @@ def quantize_per_token(view: GraphView, linear_ops: list[LinearOp], opset: int,
         if op.kind is LinearKind.GEMM and (attribute(node, "alpha", 1.0) != 1.0 or attribute(node, "beta", 1.0) != 1.0):
             report.skipped.append((op.name, "Gemm with alpha or beta other than 1"))
             continue
-        w = view.store.array(view.constant_source(node.input[1]))
+        source = view.constant_source(node.input[1])
+        w = view.store.array(source)
         if w.ndim != 2:
             report.skipped.append((op.name, f"weight has rank {w.ndim}, not 2"))
             continue
@@ -67,7 +71,7 @@ def quantize_per_token(view: GraphView, linear_ops: list[LinearOp], opset: int,
         dtype = activation_dtype(view, node.input[0])
         # the plugins take float32 scales; the ONNX lowering rescales in the activation type
         w_scale = per_channel_weight_scale(w_kn, 1, fmt.qmax, np.dtype(np.float32) if custom else dtype)
-        w_q = quantize_weight(w_kn, w_scale, 1, fmt)  # [K, N]
+        w_q = quantize_weight(w_kn, w_scale, 1, fmt, (hessians or {}).get(source))  # [K, N]
         bias = node.input[2] if op.kind is LinearKind.GEMM and len(node.input) > 2 and node.input[2] else None
         x, y = node.input[0], node.output[0]
         tag = op.name

@@ -20,16 +20,17 @@ import onnx
 import onnx.version_converter
 
 from calibrators.data import CalibrationData, Feed
+from calibrators.gram import collect_grams
 from calibrators.minmax import collect_channel_stats, inference_session
 from calibrators.stats import ChannelStats
 from passes.alpha_search import AlphaChoice, search_alpha
 from passes.check_trt import check_graph
 from passes.clip_search import ClipChoice, search_clipping
-from passes.config import Granularity, QuantizationConfig, SmoothQuantConfig, Target
+from passes.config import Granularity, QuantizationConfig, SmoothQuantConfig, Target, WeightRounding
 from passes.errors import SmoothQuantError
 from passes.fold import SmoothingReport, fold_smoothing
 from passes.graph import GraphView, ensure_opset_import, opset_version
-from passes.linear import find_linear_ops
+from passes.linear import LinearKind, LinearOp, find_linear_ops
 from passes.onnx_io import LoadedModel, TensorStore, load_model, save_model
 from passes.ort_lowering import MS_DOMAIN, MS_VERSION, lower_for_onnxruntime
 from passes.patterns import LinearOutputFold
@@ -88,10 +89,12 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
 
     messages = []
     rereads = (config.quantization is not None and (config.quantization.max_fp_layers > 0
-                                                    or config.quantization.clip_grid)) \
+                                                    or config.quantization.clip_grid
+                                                    or config.quantization.weight_rounding is WeightRounding.GPTQ)) \
         or (config.smoothing.enabled and config.smoothing.alpha_grid)
     if rereads and calib is not None and not isinstance(calib, (str, os.PathLike)) and iter(calib) is calib:
-        raise SmoothQuantError("--max-fp-layers and --alpha auto read the calibration data more than once: pass a "
+        raise SmoothQuantError("--max-fp-layers, --alpha auto, --clip and --weight-rounding gptq read the calibration data "
+                               "more than once: pass a "
                                "list of feeds, an .npz or a folder, not an iterator")
     if config.quantization is not None:
         need, why = FORMATS[config.quantization.precision].min_opset, config.quantization.precision.name
@@ -201,7 +204,8 @@ def _quantize(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup]
             messages.append(f"--exclude {pattern!r} matches no linear op (names look like {linear_ops[0].name!r})"
                             if linear_ops else f"--exclude {pattern!r} matches no linear op")
     if qconfig.granularity is Granularity.PER_TOKEN:
-        quant_report = quantize_per_token(view, candidates, opset, qconfig)
+        hessians = _weight_hessians(loaded, view, candidates, calib, config, messages)
+        quant_report = quantize_per_token(view, candidates, opset, qconfig, hessians)
         quant_report.skipped[:0] = kept_fp
         if qconfig.target is Target.TENSORRT and quant_report.quantized:
             ensure_opset_import(loaded.proto, plugin_schema.DOMAIN, plugin_schema.VERSION)
@@ -216,7 +220,8 @@ def _quantize(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup]
         candidates = [op for op in candidates if op.name not in fallback]
         kept_fp += [(name, f"sensitivity fallback: SQNR {e.sqnr_db:.1f} dB vs median {median:.1f} dB")
                     for name, e in fallback.items()]
-    quant_report = quantize_linear_ops(view, candidates, ranges, opset, qconfig)
+    hessians = _weight_hessians(loaded, view, candidates, calib, config, messages)
+    quant_report = quantize_linear_ops(view, candidates, ranges, opset, qconfig, hessians)
     quant_report.skipped[:0] = kept_fp
     if qconfig.target is Target.ONNXRUNTIME:
         lowering = lower_for_onnxruntime(view)
@@ -229,6 +234,33 @@ def _quantize(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup]
             raise SmoothQuantError(f"{loaded.path}: the quantized graph breaks TensorRT's rules (nothing written):\n"
                                    + "\n".join(f"  {v}" for v in check.violations))
     return quant_report, errors
+
+
+def _weight_hessians(loaded: LoadedModel, view: GraphView, ops: list[LinearOp], calib: CalibSource | None,
+                     config: SmoothQuantConfig, messages: list[str]) -> dict[str, np.ndarray]:
+    """For GPTQ rounding: per weight initializer, ``Σ xᵀx`` over the calibration rows of the
+    (smoothed) inputs of the ops reading it. One more pass over the data; {} for nearest rounding."""
+    if config.quantization.weight_rounding is not WeightRounding.GPTQ:
+        return {}
+    eligible = []
+    for op in ops:
+        if op.kind is LinearKind.CONV or len(view.store.proto(op.weight).dims) != 2:
+            messages.append(f"{op.name}: GPTQ rounds 2-D MatMul/Gemm weights; this op's weight is rounded to nearest")
+        else:
+            eligible.append(op)
+    channels = {op.node.input[0]: view.store.proto(op.weight).dims[op.weight_in_axis] for op in eligible}
+    grams = collect_grams(loaded, loaded.proto, channels, _calibration_data(loaded, calib, config),
+                          progress=config.calibration.progress)
+    hessians: dict[str, np.ndarray] = {}
+    for op in eligible:
+        source = view.constant_source(op.node.input[1])
+        gram = grams[op.node.input[0]]
+        hessians[source] = hessians[source] + gram if source in hessians else gram
+    for source in [s for s, h in hessians.items() if not np.all(np.isfinite(h))]:
+        messages.append(f"weight {source!r}: its ops' inputs are not finite on the calibration data; rounded to "
+                        f"nearest instead of GPTQ")
+        del hessians[source]
+    return hessians
 
 
 def tensor_ranges_after_smoothing(groups: list[SmoothingGroup], planned: list[PlannedGroup], stats: ChannelStats,

@@ -25,6 +25,7 @@ Softmax or norm inputs. Activations with zero or non-finite range stay FP and ar
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +34,7 @@ from onnx import helper
 
 from passes.config import Precision, QuantizationConfig, Target, WeightStorage
 from passes.errors import SmoothQuantError
+from passes.gptq import gptq_round
 from passes.graph import GraphView
 from passes.linear import LinearOp
 from passes.naming import NameFactory
@@ -119,15 +121,25 @@ def per_channel_weight_scale(weight: np.ndarray, out_axis: int, qmax: float = IN
 
 
 def quantize_weight(weight: np.ndarray, scale: np.ndarray, out_axis: int,
-                    fmt: QuantFormat = FORMATS[Precision.INT8]) -> np.ndarray:
-    shape = [1] * weight.ndim
-    shape[out_axis] = scale.size
-    return fmt.cast(weight.astype(np.float64) / scale.reshape(shape))
+                    fmt: QuantFormat = FORMATS[Precision.INT8], hessian: np.ndarray | None = None) -> np.ndarray:
+    """``weight / scale`` on ``fmt``'s grid: nearest, or (2-D weights, ``hessian`` = ``Σ xᵀx`` of
+    the op's input) rounded by :func:`passes.gptq.gptq_round`."""
+    if hessian is None:
+        shape = [1] * weight.ndim
+        shape[out_axis] = scale.size
+        return fmt.cast(weight.astype(np.float64) / scale.reshape(shape))
+    if weight.ndim != 2:
+        raise ValueError(f"GPTQ rounding takes 2-D weights, got shape {weight.shape}")
+    w_kn = weight if out_axis == 1 else weight.T
+    q = gptq_round(w_kn, hessian, scale, lambda v: fmt.cast(v).astype(np.float64))
+    return fmt.cast(q if out_axis == 1 else q.T)
 
 
 def quantize_linear_ops(view: GraphView, linear_ops: list[LinearOp], ranges: dict[str, ActivationRange],
-                        opset: int, config: QuantizationConfig = QuantizationConfig()) -> QuantReport:
-    """Insert Q/DQ for every op in ``linear_ops``; ``ranges`` is keyed by each op's current input."""
+                        opset: int, config: QuantizationConfig = QuantizationConfig(),
+                        hessians: Mapping[str, np.ndarray] | None = None) -> QuantReport:
+    """Insert Q/DQ for every op in ``linear_ops``; ``ranges`` is keyed by each op's current input.
+    ``hessians``: per weight initializer, ``Σ xᵀx`` of its ops' inputs, for GPTQ rounding."""
     fmt = FORMATS[config.precision]
     if opset < fmt.min_opset:
         raise SmoothQuantError(f"{config.precision.name} QuantizeLinear/DequantizeLinear need opset >= "
@@ -167,7 +179,7 @@ def quantize_linear_ops(view: GraphView, linear_ops: list[LinearOp], ranges: dic
         key = (source, op.weight_out_axis)
         if key not in weight_dq:
             weight_dq[key] = _quantize_weight_input(view, names, source, op.weight_out_axis, fmt, config.weights,
-                                                    new_nodes, node)
+                                                    new_nodes, node, (hessians or {}).get(source))
         node.input[0] = act_dq[x]
         node.input[1] = weight_dq[key]
         report.quantized.append(op.name)
@@ -179,7 +191,8 @@ def quantize_linear_ops(view: GraphView, linear_ops: list[LinearOp], ranges: dic
 
 
 def _quantize_weight_input(view: GraphView, names: NameFactory, source: str, axis: int, fmt: QuantFormat,
-                           storage: WeightStorage, new_nodes: list, before: onnx.NodeProto) -> str:
+                           storage: WeightStorage, new_nodes: list, before: onnx.NodeProto,
+                           hessian: np.ndarray | None = None) -> str:
     """Per-output-channel weight Q/DQ; returns the dequantized tensor the linear op reads."""
     w = view.store.array(source)
     w_scale = per_channel_weight_scale(w, axis, fmt.qmax)
@@ -188,7 +201,7 @@ def _quantize_weight_input(view: GraphView, names: NameFactory, source: str, axi
     view.set_initializer(z_name, np.zeros(w_scale.size, dtype=fmt.dtype()))
     dq_out, q_name = names.dequantized(source), names.quantized(source)
     if storage is WeightStorage.QUANTIZED:
-        view.set_initializer(q_name, quantize_weight(w, w_scale, axis, fmt))
+        view.set_initializer(q_name, quantize_weight(w, w_scale, axis, fmt, hessian))
     else:
         new_nodes.append((helper.make_node("QuantizeLinear", [source, s_name, z_name], [q_name],
                                            name=names.q_node(source), axis=axis), before))

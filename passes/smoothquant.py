@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from passes.config import (CalibrationConfig, Granularity, Precision, QuantizationConfig, SmoothingConfig, SmoothQuantConfig,
-                           Target, Unfoldable, WeightStorage)
+                           Target, Unfoldable, WeightRounding, WeightStorage)
 from calibrators.data import model_inputs
 from calibrators.text import TextLayout, load_tokenizer, read_text_file, text_feeds
 from passes.alpha_search import DEFAULT_GRID
@@ -57,6 +57,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=[w.value for w in WeightStorage], default=WeightStorage.QUANTIZED.value,
                    help="store weights quantized (int8/float8 + DequantizeLinear, ~4x smaller) or as float "
                         "followed by QuantizeLinear -> DequantizeLinear")
+    p.add_argument("--weight-rounding", choices=[r.value for r in WeightRounding], default=WeightRounding.NEAREST.value,
+                   help="nearest, or gptq: round each weight so the op's output error on the calibration data is "
+                        "small (one more pass over the data; MatMul/Gemm weights)")
     p.add_argument("--exclude", action="append", default=[], metavar="REGEX",
                    help="keep linear ops whose node name matches REGEX in FP (repeatable)")
     p.add_argument("--max-fp-layers", type=int, default=0, metavar="N",
@@ -114,7 +117,7 @@ def config_from_args(args: argparse.Namespace) -> SmoothQuantConfig:
             precision=Precision(args.precision), target=Target(args.target), weights=WeightStorage(args.weights),
             exclude=tuple(args.exclude), max_fp_layers=args.max_fp_layers, check=not args.no_check,
             clip_grid=_ratios(args.clip_grid) if args.clip == "search" else (),
-            granularity=Granularity(args.granularity)),
+            granularity=Granularity(args.granularity), weight_rounding=WeightRounding(args.weight_rounding)),
     )
 
 

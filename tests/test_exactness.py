@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from conftest import initializer_arrays, rel_err, run, random_feeds, text_like_feeds
 from passes import SmoothingConfig, SmoothQuantConfig, Unfoldable, run_smoothquant

@@ -238,7 +238,12 @@ def test_cli_options(demo_dir, tmp_path, capsys):
     assert "not a regular expression" in capsys.readouterr().err
     assert main([str(demo_dir / "tiny_llama.onnx"), "-o", str(tmp_path / "x.onnx"), "--precision", "fp8",
                  "--target", "onnxruntime"]) == 1
+    assert main([str(demo_dir / "tiny_llama.onnx"), "-o", str(tmp_path / "x.onnx"), "--weight-rounding", "gptq",
+                 "--weights", "float"]) == 1
+    assert "needs --weights quantized" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
+    assert main([str(demo_dir / "tiny_llama.onnx"), "-o", str(out), "-q", "--weight-rounding", "gptq"]) == 0
+    assert "15 linear ops quantized" in capsys.readouterr().out
 
 
 def test_alpha_search_picks_the_lowest_error_per_group(tmp_path):

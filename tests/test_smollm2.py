@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from passes import CalibrationConfig, Precision, QuantizationConfig, SmoothingConfig, SmoothQuantConfig, run_smoothquant
+from passes import CalibrationConfig, SmoothingConfig, SmoothQuantConfig, run_smoothquant
 from passes.evaluate import Task, evaluate
 
 MISSING = [m for m in ("transformers", "tokenizers", "gguf") if importlib.util.find_spec(m) is None]

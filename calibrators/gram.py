@@ -1,0 +1,81 @@
+"""Input second moments of linear ops, ``H = Σ_x xᵀx``, computed inside the graph by ONNX Runtime.
+
+For every requested activation X with C channels on its last axis the measuring graph gains::
+
+    F = Reshape(Cast(X, float32), [-1, C]);     G = MatMul(Transpose(F), F)      ([C, C])
+
+so one ``[C, C]`` matrix per activation and batch leaves the session, never the activation
+itself; batches are summed in float64. Error-compensating weight rounding
+(:mod:`passes.gptq`) needs these. Memory: ``8 C²`` bytes per activation for the sums.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+from onnx import helper
+from tqdm import tqdm
+
+from calibrators.data import CalibrationData, model_inputs
+from calibrators.minmax import inference_session, split_large_inline
+from passes.errors import SmoothQuantError
+from passes.naming import NameFactory
+from passes.onnx_io import LoadedModel
+
+
+def build_gram_graph(proto: onnx.ModelProto, channels: Mapping[str, int]
+                     ) -> tuple[onnx.ModelProto, dict[str, str], list[onnx.TensorProto]]:
+    """A copy of ``proto`` whose outputs are ``XᵀX`` per activation in ``channels`` (name -> C),
+    the output name per activation, and the large initializers left out of the copy."""
+    out, big = split_large_inline(proto)
+    graph = out.graph
+    names = NameFactory({n.name for n in graph.node} | {o for n in graph.node for o in n.output}
+                        | {t.name for t in graph.initializer} | {i.name for i in graph.input})
+    outputs = {}
+    del graph.output[:]
+    for tensor, c in channels.items():
+        def t(tag: str, tensor=tensor) -> str:
+            return names.unique(f"{tensor}::sq_gram_{tag}")
+
+        shape, x32, flat, flat_t = t("shape"), t("f32"), t("flat"), t("flat_t")
+        gram = names.gram_output(tensor)
+        graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1, c], dtype=np.int64), shape))
+        graph.node.extend([
+            helper.make_node("Cast", [tensor], [x32], name=names.unique(f"{x32}::node"), to=onnx.TensorProto.FLOAT),
+            helper.make_node("Reshape", [x32, shape], [flat], name=names.unique(f"{flat}::node")),
+            helper.make_node("Transpose", [flat], [flat_t], name=names.unique(f"{flat_t}::node"), perm=[1, 0]),
+            helper.make_node("MatMul", [flat_t, flat], [gram], name=names.amax_node(tensor, "gram")),
+        ])
+        graph.output.append(helper.make_empty_tensor_value_info(gram))
+        outputs[tensor] = gram
+    return out, outputs, big
+
+
+def collect_grams(model: LoadedModel, proto: onnx.ModelProto, channels: Mapping[str, int], data: CalibrationData,
+                  *, progress: bool = True) -> dict[str, np.ndarray]:
+    """``Σ xᵀx`` (float64 ``[C, C]``) over every calibration row of each activation in ``channels``
+    (non-finite where the activation held inf or NaN)."""
+    if not channels:
+        return {}
+    data.check(model_inputs(proto))
+    work, outputs, big = build_gram_graph(proto, channels)
+    session = inference_session(work, model.base_dir, initializers=big, early_consumers=True)
+    fetch = [outputs[t] for t in channels]
+    sums = {t: np.zeros((c, c), dtype=np.float64) for t, c in channels.items()}
+    batches = 0
+    for feed in tqdm(data.batches(), total=data.num_batches(), desc="input second moments", unit="batch",
+                     disable=not progress, leave=False):
+        batches += 1
+        try:
+            values = session.run(fetch, feed)
+        except Exception as e:  # ORT raises its own exception types
+            raise SmoothQuantError(f"{model.path}: ONNX Runtime failed while measuring input second moments: "
+                                   f"{e}") from None
+        for tensor, value in zip(channels, values):
+            sums[tensor] += value  # non-finite sums stay so: the caller reports and skips them
+    if batches == 0:
+        raise SmoothQuantError(f"{data.description}: no calibration batches left to measure input second "
+                               f"moments (an iterator can be read only once)")
+    return sums

@@ -1,0 +1,87 @@
+"""Error-compensating weight rounding (GPTQ, Frantar et al. 2022) on a fixed per-channel grid.
+
+Rounding each weight to its nearest grid point minimises ``|W~ - W|`` but not the output
+error the model sees. For a linear op ``Y = X W`` (``W``: ``[K, N]``) and calibration rows
+``x`` of X, the output error is::
+
+    E = Σ_x |x (W~ - W)|²  =  Σ_n (W~_n - W_n)ᵀ H (W~_n - W_n),      H = Σ_x xᵀ x   ([K, K])
+
+(one quadratic form per output column n, all sharing H). GPTQ rounds the input rows of W one
+at a time and, after rounding row i with error ``δ = W_i - W~_i``, moves the rows not yet
+rounded by the least-squares correction ``W_j -= δ (H⁻¹)_ij / (H⁻¹)_ii``, so the later
+rows absorb what row i lost. With ``U`` the upper Cholesky factor of ``H⁻¹`` (``H⁻¹ = UᵀU``)
+the correction for every later row at once is ``W_{i+1:} -= U_{i,i+1:}ᵀ δ / U_ii``.
+
+Details:
+
+- the grid is fixed before rounding: ``W~_kn = scale_n * q_kn`` with the op's per-output-channel
+  ``scale`` (the outer GEMM dimension), so the result is an ordinary W8 weight;
+- rows are rounded in order of decreasing ``H_ii`` ("act order"; free here, as the scales
+  do not depend on the order);
+- ``H += damp * mean(diag H) * I`` keeps H invertible; rows whose input is always zero
+  (``H_ii = 0``) are rounded to nearest and move nothing;
+- rows are processed in blocks: inside a block corrections go row by row, the rows after the
+  block get the block's corrections as one matrix product.
+
+Exact FP inputs are used for H (the standard choice); the activation quantization is not
+modelled.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DAMP = 0.01
+BLOCK = 128
+
+
+def inverse_cholesky_upper(hessian: np.ndarray, damp: float = DAMP) -> np.ndarray:
+    """Upper ``U`` with ``(H + λI)⁻¹ = UᵀU``, ``λ = damp * mean(diag H)``; H ``[K, K]`` symmetric PSD."""
+    h = np.array(hessian, dtype=np.float64)
+    k = h.shape[0]
+    h[np.diag_indices(k)] += damp * max(float(np.mean(np.diag(h))), np.finfo(np.float64).tiny)
+    lower = np.linalg.cholesky(h)  # H = L Lᵀ
+    inv_lower = np.linalg.solve(lower, np.eye(k))  # L⁻¹; H⁻¹ = L⁻ᵀ L⁻¹
+    h_inv = inv_lower.T @ inv_lower
+    return np.linalg.cholesky(h_inv).T  # H⁻¹ = Lᵢ Lᵢᵀ = UᵀU with U = Lᵢᵀ
+
+
+def gptq_round(weight: np.ndarray, hessian: np.ndarray, scale: np.ndarray, quantize, *,
+               damp: float = DAMP, block: int = BLOCK) -> np.ndarray:
+    """Grid values ``q`` (``[K, N]``, float64, ``W~ = q * scale``) for ``weight`` ``[K, N]``.
+
+    ``hessian``: ``[K, K]``, ``Σ xᵀx`` over calibration rows of the op's input.
+    ``scale``: ``[N]`` per-output-channel step, positive. ``quantize``: maps values already
+    divided by the scale to grid values (rounding and clipping, e.g. ``QuantFormat.cast``).
+    """
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be [K, N], got shape {weight.shape}")
+    k, n = weight.shape
+    if hessian.shape != (k, k):
+        raise ValueError(f"hessian must be [{k}, {k}] for a [{k}, {n}] weight, got {hessian.shape}")
+    if scale.shape != (n,):
+        raise ValueError(f"scale must be [{n}] for a [{k}, {n}] weight, got {scale.shape}")
+    step = scale.astype(np.float64)
+    h = np.array(hessian, dtype=np.float64)
+    live = np.diag(h) > 0
+    h[~live, :] = 0.0
+    h[:, ~live] = 0.0
+    h[~live, ~live] = 1.0  # a dead input moves nothing and is moved by nothing
+    order = np.argsort(-np.diag(h), kind="stable")
+    w = weight.astype(np.float64)[order]
+    u = inverse_cholesky_upper(h[np.ix_(order, order)], damp)
+    q = np.empty_like(w)
+    for start in range(0, k, block):
+        stop = min(start + block, k)
+        wb = w[start:stop].copy()
+        deltas = np.empty_like(wb)
+        for i in range(stop - start):
+            row = start + i
+            q[row] = quantize(wb[i] / step)
+            delta = (wb[i] - q[row] * step) / u[row, row]
+            wb[i + 1:] -= np.outer(u[row, row + 1:stop], delta)
+            deltas[i] = delta
+        w[stop:] -= u[start:stop, stop:].T @ deltas
+    out = np.empty_like(q)
+    out[order] = q
+    return out
