@@ -17,7 +17,7 @@ from pathlib import Path
 from models.export import export
 from bench.common import quantize_each
 from passes import CalibrationConfig, Precision, QuantizationConfig, SmoothingConfig, SmoothQuantConfig
-from passes.config import Granularity, Target
+from passes.config import Granularity, Target, WeightRounding
 from passes.evaluate import Task, evaluate
 
 QUIET = CalibrationConfig(progress=False, batch_size=4)
@@ -28,6 +28,7 @@ def settings() -> list[tuple[str, SmoothQuantConfig]]:
         return SmoothQuantConfig(smoothing, QUIET, QuantizationConfig(**quant))
 
     per_token = {"granularity": Granularity.PER_TOKEN, "target": Target.ONNXRUNTIME}
+    gptq = {"weight_rounding": WeightRounding.GPTQ}
     return [
         ("int8 per-tensor, no smoothing", cfg(SmoothingConfig(enabled=False))),
         ("int8 per-tensor, α=0.5", cfg(SmoothingConfig(0.5))),
@@ -38,12 +39,19 @@ def settings() -> list[tuple[str, SmoothQuantConfig]]:
         ("int8 per-tensor, α=0.8, --target onnxruntime", cfg(SmoothingConfig(0.8), target=Target.ONNXRUNTIME)),
         ("fp8 per-tensor, no smoothing", cfg(SmoothingConfig(enabled=False), precision=Precision.FP8)),
         ("fp8 per-tensor, α=0.5", cfg(SmoothingConfig(0.5), precision=Precision.FP8)),
+        ("int8 per-tensor, α=0.8, gptq", cfg(SmoothingConfig(0.8), **gptq)),
+        ("int8 per-tensor, α=0.8, --target onnxruntime, gptq", cfg(SmoothingConfig(0.8), target=Target.ONNXRUNTIME,
+                                                                   **gptq)),
+        ("fp8 per-tensor, no smoothing, gptq", cfg(SmoothingConfig(enabled=False), precision=Precision.FP8, **gptq)),
+        ("fp8 per-tensor, α=0.5, gptq", cfg(SmoothingConfig(0.5), precision=Precision.FP8, **gptq)),
         ("int8 per-token, no smoothing", cfg(SmoothingConfig(enabled=False), **per_token)),
         ("int8 per-token, α=0.5", cfg(SmoothingConfig(0.5), **per_token)),
         ("int8 per-token, α=0.8", cfg(SmoothingConfig(0.8), **per_token)),
         ("fp8 per-token, no smoothing", cfg(SmoothingConfig(enabled=False), precision=Precision.FP8, **per_token)),
         ("fp8 per-token, α=0.5", cfg(SmoothingConfig(0.5), precision=Precision.FP8, **per_token)),
         ("fp8 per-token, α=0.8", cfg(SmoothingConfig(0.8), precision=Precision.FP8, **per_token)),
+        ("int8 per-token, α=0.5, gptq", cfg(SmoothingConfig(0.5), **per_token, **gptq)),
+        ("fp8 per-token, α=0.5, gptq", cfg(SmoothingConfig(0.5), precision=Precision.FP8, **per_token, **gptq)),
     ]
 
 
