@@ -20,7 +20,7 @@ from models.export import export
 from bench.common import quantize_each
 from passes import CalibrationConfig, Precision, QuantizationConfig, SmoothingConfig, SmoothQuantConfig
 from passes.alpha_search import DEFAULT_GRID
-from passes.config import Target
+from passes.config import Target, WeightRounding
 from passes.evaluate import evaluate
 
 GRID = (*DEFAULT_GRID, 0.95, 1.0)
@@ -28,8 +28,11 @@ QUIET = CalibrationConfig(progress=False)
 
 
 def settings() -> list[tuple[str, SmoothQuantConfig]]:
-    def cfg(smoothing, precision=Precision.INT8, target=Target.TENSORRT):
-        return SmoothQuantConfig(smoothing, QUIET, QuantizationConfig(precision=precision, target=target))
+    def cfg(smoothing, precision=Precision.INT8, target=Target.TENSORRT, rounding=WeightRounding.NEAREST):
+        return SmoothQuantConfig(smoothing, QUIET, QuantizationConfig(precision=precision, target=target,
+                                                                      weight_rounding=rounding))
+
+    gptq = WeightRounding.GPTQ
 
     return [
         ("int8 no smoothing", cfg(SmoothingConfig(enabled=False))),
@@ -40,6 +43,12 @@ def settings() -> list[tuple[str, SmoothQuantConfig]]:
         ("fp8 no smoothing", cfg(SmoothingConfig(enabled=False), Precision.FP8)),
         ("fp8 α=0.5", cfg(SmoothingConfig(0.5), Precision.FP8)),
         ("fp8 α auto", cfg(SmoothingConfig(alpha_grid=GRID), Precision.FP8)),
+        ("int8 no smoothing, --target onnxruntime, gptq", cfg(SmoothingConfig(enabled=False), target=Target.ONNXRUNTIME,
+                                                              rounding=gptq)),
+        ("int8 α auto, --target onnxruntime, gptq", cfg(SmoothingConfig(alpha_grid=GRID), target=Target.ONNXRUNTIME,
+                                                        rounding=gptq)),
+        ("fp8 no smoothing, gptq", cfg(SmoothingConfig(enabled=False), Precision.FP8, rounding=gptq)),
+        ("fp8 α auto, gptq", cfg(SmoothingConfig(alpha_grid=GRID), Precision.FP8, rounding=gptq)),
     ]
 
 
@@ -60,10 +69,10 @@ def main(argv=None) -> int:
                      "cos_mean": round(m["cosine_mean"], 5), "cos_min": round(m["cosine_min"], 4),
                      "spearman": round(m["similarity_spearman"], 4), "fp32_ms": round(m["latency_ref_ms"], 1),
                      "ours_ms": round(m["latency_cand_ms"], 1), "speedup": round(m["speedup"], 2)})
-    print(f"\n{'setting':<36} {'quant s':>7} {'cos mean':>9} {'cos min':>8} {'spearman':>8} {'fp32 ms':>8} "
+    print(f"\n{'setting':<47} {'quant s':>7} {'cos mean':>9} {'cos min':>8} {'spearman':>8} {'fp32 ms':>8} "
           f"{'ours ms':>8} {'speed-up':>8}")
     for r in rows:
-        print(f"{r['setting']:<36} {r['quantize_s']:>7} {r['cos_mean']:>9.5f} {r['cos_min']:>8.4f} {r['spearman']:>8.4f} "
+        print(f"{r['setting']:<47} {r['quantize_s']:>7} {r['cos_mean']:>9.5f} {r['cos_min']:>8.4f} {r['spearman']:>8.4f} "
               f"{r['fp32_ms']:>8} {r['ours_ms']:>8} {r['speedup']:>7}x")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
