@@ -69,9 +69,9 @@ def main(argv=None) -> int:
         rows.append({"setting": label, "quantize_s": round(seconds, 1), "ppl_fp32": round(m["perplexity_ref"], 3),
                      "ppl": round(m["perplexity_cand"], 3), "increase_pct": round(m["perplexity_increase_pct"], 2),
                      "top1": round(m["top1_agreement"], 4)})
-    print(f"\n{'setting':<46} {'quant s':>7} {'ppl':>8} {'vs fp32':>8} {'top-1':>6}")
+    print(f"\n{'setting':<52} {'quant s':>7} {'ppl':>8} {'vs fp32':>8} {'top-1':>6}")
     for r in rows:
-        print(f"{r['setting']:<46} {r['quantize_s']:>7} {r['ppl']:>8.3f} {r['increase_pct']:>+7.2f}% {r['top1']:>6.3f}")
+        print(f"{r['setting']:<52} {r['quantize_s']:>7} {r['ppl']:>8.3f} {r['increase_pct']:>+7.2f}% {r['top1']:>6.3f}")
     if rows:
         print(f"fp32 perplexity: {rows[0]['ppl_fp32']}")
     if args.json:
