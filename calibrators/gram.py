@@ -6,12 +6,13 @@ For every requested activation X with C channels on its last axis the measuring 
 
 so one ``[C, C]`` matrix per activation and batch leaves the session, never the activation
 itself; batches are summed in float64. Error-compensating weight rounding
-(:mod:`passes.gptq`) needs these. Memory: ``8 C²`` bytes per activation for the sums.
+(:mod:`passes.gptq`) needs these. Memory: ``8 C²`` bytes per activation for the sums;
+:class:`WeightHessians` keeps that under a budget by measuring a chunk of activations per pass.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -54,14 +55,15 @@ def build_gram_graph(proto: onnx.ModelProto, channels: Mapping[str, int]
 
 
 def collect_grams(model: LoadedModel, proto: onnx.ModelProto, channels: Mapping[str, int], data: CalibrationData,
-                  *, progress: bool = True) -> dict[str, np.ndarray]:
+                  *, progress: bool = True, initializers: Sequence[onnx.TensorProto] = ()) -> dict[str, np.ndarray]:
     """``Σ xᵀx`` (float64 ``[C, C]``) over every calibration row of each activation in ``channels``
-    (non-finite where the activation held inf or NaN)."""
+    (non-finite where the activation held inf or NaN). ``initializers``: tensors already split
+    off ``proto`` (see :func:`calibrators.minmax.split_large_inline`)."""
     if not channels:
         return {}
     data.check(model_inputs(proto))
     work, outputs, big = build_gram_graph(proto, channels)
-    session = inference_session(work, model.base_dir, initializers=big, early_consumers=True)
+    session = inference_session(work, model.base_dir, initializers=[*big, *initializers], early_consumers=True)
     fetch = [outputs[t] for t in channels]
     sums = {t: np.zeros((c, c), dtype=np.float64) for t, c in channels.items()}
     batches = 0
@@ -79,3 +81,66 @@ def collect_grams(model: LoadedModel, proto: onnx.ModelProto, channels: Mapping[
         raise SmoothQuantError(f"{data.description}: no calibration batches left to measure input second "
                                f"moments (an iterator can be read only once)")
     return sums
+
+
+GRAM_BUDGET_BYTES = 2 << 30
+
+
+class WeightHessians(Mapping):
+    """``H[w] = Σ xᵀx`` per weight initializer ``w``, summed over the inputs of the ops reading it,
+    measured on first request a chunk at a time.
+
+    ``inputs`` maps each weight to its ops' ``(activation, channels)`` pairs, in the order the
+    caller will ask (graph order). A request for a weight not yet measured runs one pass over
+    ``data`` for it and the weights after it, as many as fit in ``budget`` bytes of float64 sums,
+    and drops the chunk before; so a caller asking in order makes ``ceil(total / budget)`` passes
+    (one when everything fits). The graph is snapshotted at construction: later edits to
+    ``proto`` (the quantizers add initializers while asking) do not reach the measurement.
+    ``H[w]`` is None where an input held inf or NaN (listed in :attr:`non_finite`).
+    """
+
+    def __init__(self, model: LoadedModel, proto: onnx.ModelProto, inputs: Mapping[str, Sequence[tuple[str, int]]],
+                 data: CalibrationData, *, budget: int = GRAM_BUDGET_BYTES, progress: bool = True):
+        self._model, self._data, self._budget, self._progress = model, data, budget, progress
+        self._inputs = {w: tuple(dict.fromkeys(pairs)) for w, pairs in inputs.items()}
+        self._proto, self._big = split_large_inline(proto)
+        self._ready: dict[str, np.ndarray | None] = {}
+        self.passes = 0
+        self.non_finite: list[str] = []
+
+    def __getitem__(self, weight: str) -> np.ndarray | None:
+        if weight not in self._inputs:
+            raise KeyError(weight)
+        if weight not in self._ready:
+            self._measure_from(weight)
+        return self._ready[weight]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._inputs)
+
+    def __len__(self) -> int:
+        return len(self._inputs)
+
+    def _measure_from(self, first: str) -> None:
+        order = list(self._inputs)
+        chunk, channels, size = [], {}, 0
+        for weight in order[order.index(first):]:
+            new = {t: c for t, c in self._inputs[weight] if t not in channels}
+            cost = sum(8 * c * c for c in new.values())
+            if chunk and size + cost > self._budget:
+                break
+            chunk.append(weight)
+            channels.update(new)
+            size += cost
+        grams = collect_grams(self._model, self._proto, channels, self._data, progress=self._progress,
+                              initializers=self._big)
+        self.passes += 1
+        self._ready = {}
+        for weight in chunk:
+            pairs = self._inputs[weight]
+            total = grams[pairs[0][0]] if len(pairs) == 1 else sum(grams[t] for t, _ in pairs)
+            if np.all(np.isfinite(total)):
+                self._ready[weight] = total
+            else:
+                self._ready[weight] = None
+                self.non_finite.append(weight)

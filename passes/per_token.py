@@ -40,8 +40,8 @@ from plugins import schema
 TINY = 1e-12
 
 
-def quantize_per_token(view: GraphView, linear_ops: list[LinearOp], opset: int,
-                       config: QuantizationConfig, hessians: Mapping[str, np.ndarray] | None = None) -> QuantReport:
+def quantize_per_token(view: GraphView, linear_ops: list[LinearOp], opset: int, config: QuantizationConfig,
+                       hessians: Mapping[str, np.ndarray | None] | None = None) -> QuantReport:
     """Rewrite every op of ``linear_ops`` to per-token dynamic W8A8; returns what was done.
     ``hessians``: per weight initializer, ``Σ xᵀx`` of its ops' inputs, for GPTQ rounding."""
     fmt = FORMATS[config.precision]

@@ -20,7 +20,7 @@ import onnx
 import onnx.version_converter
 
 from calibrators.data import CalibrationData, Feed
-from calibrators.gram import collect_grams
+from calibrators.gram import WeightHessians
 from calibrators.minmax import collect_channel_stats, inference_session
 from calibrators.stats import ChannelStats
 from passes.alpha_search import AlphaChoice, search_alpha
@@ -93,9 +93,9 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
                                                     or config.quantization.weight_rounding is WeightRounding.GPTQ)) \
         or (config.smoothing.enabled and config.smoothing.alpha_grid)
     if rereads and calib is not None and not isinstance(calib, (str, os.PathLike)) and iter(calib) is calib:
-        raise SmoothQuantError("--max-fp-layers, --alpha auto, --clip and --weight-rounding gptq read the calibration data "
-                               "more than once: pass a "
-                               "list of feeds, an .npz or a folder, not an iterator")
+        raise SmoothQuantError("--max-fp-layers, --alpha auto, --clip search and --weight-rounding gptq read the "
+                               "calibration data more than once: pass a list of feeds, an .npz or a folder, not an "
+                               "iterator")
     if config.quantization is not None:
         need, why = FORMATS[config.quantization.precision].min_opset, config.quantization.precision.name
         if _has_half_floats(loaded.proto) and need < 19:
@@ -206,6 +206,7 @@ def _quantize(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup]
     if qconfig.granularity is Granularity.PER_TOKEN:
         hessians = _weight_hessians(loaded, view, candidates, calib, config, messages)
         quant_report = quantize_per_token(view, candidates, opset, qconfig, hessians)
+        _report_hessians(hessians, messages)
         quant_report.skipped[:0] = kept_fp
         if qconfig.target is Target.TENSORRT and quant_report.quantized:
             ensure_opset_import(loaded.proto, plugin_schema.DOMAIN, plugin_schema.VERSION)
@@ -222,6 +223,7 @@ def _quantize(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup]
                     for name, e in fallback.items()]
     hessians = _weight_hessians(loaded, view, candidates, calib, config, messages)
     quant_report = quantize_linear_ops(view, candidates, ranges, opset, qconfig, hessians)
+    _report_hessians(hessians, messages)
     quant_report.skipped[:0] = kept_fp
     if qconfig.target is Target.ONNXRUNTIME:
         lowering = lower_for_onnxruntime(view)
@@ -237,30 +239,29 @@ def _quantize(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup]
 
 
 def _weight_hessians(loaded: LoadedModel, view: GraphView, ops: list[LinearOp], calib: CalibSource | None,
-                     config: SmoothQuantConfig, messages: list[str]) -> dict[str, np.ndarray]:
+                     config: SmoothQuantConfig, messages: list[str]) -> WeightHessians | None:
     """For GPTQ rounding: per weight initializer, ``Σ xᵀx`` over the calibration rows of the
-    (smoothed) inputs of the ops reading it. One more pass over the data; {} for nearest rounding."""
+    (smoothed) inputs of the ops reading it, measured when the quantizer asks; None for nearest."""
     if config.quantization.weight_rounding is not WeightRounding.GPTQ:
-        return {}
-    eligible = []
+        return None
+    inputs: dict[str, list[tuple[str, int]]] = {}
     for op in ops:
-        if op.kind is LinearKind.CONV or len(view.store.proto(op.weight).dims) != 2:
+        dims = view.store.proto(op.weight).dims
+        if op.kind is LinearKind.CONV or len(dims) != 2:
             messages.append(f"{op.name}: GPTQ rounds 2-D MatMul/Gemm weights; this op's weight is rounded to nearest")
         else:
-            eligible.append(op)
-    channels = {op.node.input[0]: view.store.proto(op.weight).dims[op.weight_in_axis] for op in eligible}
-    grams = collect_grams(loaded, loaded.proto, channels, _calibration_data(loaded, calib, config),
+            source = view.constant_source(op.node.input[1])
+            inputs.setdefault(source, []).append((op.node.input[0], int(dims[op.weight_in_axis])))
+    return WeightHessians(loaded, loaded.proto, inputs, _calibration_data(loaded, calib, config),
                           progress=config.calibration.progress)
-    hessians: dict[str, np.ndarray] = {}
-    for op in eligible:
-        source = view.constant_source(op.node.input[1])
-        gram = grams[op.node.input[0]]
-        hessians[source] = hessians[source] + gram if source in hessians else gram
-    for source in [s for s, h in hessians.items() if not np.all(np.isfinite(h))]:
-        messages.append(f"weight {source!r}: its ops' inputs are not finite on the calibration data; rounded to "
-                        f"nearest instead of GPTQ")
-        del hessians[source]
-    return hessians
+
+
+def _report_hessians(hessians: WeightHessians | None, messages: list[str]) -> None:
+    if hessians is None or not hessians.passes:
+        return
+    messages.append(f"GPTQ: input second moments measured in {hessians.passes} pass(es) over the calibration data")
+    messages += [f"weight {w!r}: its ops' inputs are not finite on the calibration data; rounded to nearest instead "
+                 f"of GPTQ" for w in hessians.non_finite]
 
 
 def tensor_ranges_after_smoothing(groups: list[SmoothingGroup], planned: list[PlannedGroup], stats: ChannelStats,

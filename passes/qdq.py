@@ -137,7 +137,7 @@ def quantize_weight(weight: np.ndarray, scale: np.ndarray, out_axis: int,
 
 def quantize_linear_ops(view: GraphView, linear_ops: list[LinearOp], ranges: dict[str, ActivationRange],
                         opset: int, config: QuantizationConfig = QuantizationConfig(),
-                        hessians: Mapping[str, np.ndarray] | None = None) -> QuantReport:
+                        hessians: Mapping[str, np.ndarray | None] | None = None) -> QuantReport:
     """Insert Q/DQ for every op in ``linear_ops``; ``ranges`` is keyed by each op's current input.
     ``hessians``: per weight initializer, ``Σ xᵀx`` of its ops' inputs, for GPTQ rounding."""
     fmt = FORMATS[config.precision]

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from calibrators.data import CalibrationData
-from calibrators.gram import collect_grams
+from calibrators.gram import WeightHessians, collect_grams
 from conftest import run
 from passes import SmoothQuantConfig
 from passes.config import (CalibrationConfig, Granularity, Precision, QuantizationConfig, SmoothingConfig, Target,
@@ -104,6 +104,21 @@ def test_grams_match_numpy(tmp_path):
         expected = rows.T @ rows  # ORT sums in float32: compare against the largest entry
         np.testing.assert_allclose(grams[tensor], expected, rtol=0, atol=1e-5 * np.abs(expected).max())
     assert onnx.load(str(path)).graph.output[0].name == "y"  # the model file is untouched
+
+
+def test_weight_hessians_in_chunks_under_a_budget(tmp_path):
+    """Asked in order, a budget of one input per pass measures each weight in its own pass; the
+    sums equal the one-pass ones, and edits to the graph after construction are not seen."""
+    path, feeds = two_layer_model(tmp_path)
+    data = CalibrationData([feeds(1), feeds(2)], 1)
+    loaded = load_model(path)
+    inputs = {"w1": [("x", 32)], "w2": [("r", 48)]}
+    whole = WeightHessians(loaded, loaded.proto, inputs, data, progress=False)
+    small = WeightHessians(loaded, loaded.proto, inputs, data, budget=1, progress=False)
+    del loaded.proto.graph.node[:]  # the snapshot keeps the graph it was given
+    assert [small[w].shape for w in ("w1", "w2")] == [(32, 32), (48, 48)] and small.passes == 2
+    assert all(np.array_equal(whole[w], small[w]) for w in inputs) and whole.passes == 1
+    assert small.get("other") is None and len(small) == 2
 
 
 @pytest.mark.parametrize("granularity, target", [(Granularity.PER_TENSOR, Target.TENSORRT),
