@@ -2,11 +2,12 @@
 
 For every requested activation X with C channels on its last axis the measuring graph gains::
 
-    F = Reshape(Cast(X, float32), [-1, C]);     G = MatMul(Transpose(F), F)      ([C, C])
+    F = Reshape(Cast(X, float32), [-1, C]);     G = Gemm(F, F, transA=1) = FᵀF      ([C, C])
 
 so one ``[C, C]`` matrix per activation and batch leaves the session, never the activation
-itself; batches are summed in float64. Error-compensating weight rounding
-(:mod:`passes.gptq`) needs these. Memory: ``8 C²`` bytes per activation for the sums;
+itself; batches are summed in place in float32 (ORT's own precision for each product).
+Error-compensating weight rounding (:mod:`passes.gptq`) needs these. Memory: ``4 C²`` bytes
+per activation for the sums and about as much again for one batch's outputs;
 :class:`WeightHessians` keeps that under a budget by measuring a chunk of activations per pass.
 """
 
@@ -40,14 +41,13 @@ def build_gram_graph(proto: onnx.ModelProto, channels: Mapping[str, int]
         def t(tag: str, tensor=tensor) -> str:
             return names.unique(f"{tensor}::sq_gram_{tag}")
 
-        shape, x32, flat, flat_t = t("shape"), t("f32"), t("flat"), t("flat_t")
+        shape, x32, flat = t("shape"), t("f32"), t("flat")
         gram = names.gram_output(tensor)
         graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1, c], dtype=np.int64), shape))
         graph.node.extend([
             helper.make_node("Cast", [tensor], [x32], name=names.unique(f"{x32}::node"), to=onnx.TensorProto.FLOAT),
             helper.make_node("Reshape", [x32, shape], [flat], name=names.unique(f"{flat}::node")),
-            helper.make_node("Transpose", [flat], [flat_t], name=names.unique(f"{flat_t}::node"), perm=[1, 0]),
-            helper.make_node("MatMul", [flat_t, flat], [gram], name=names.amax_node(tensor, "gram")),
+            helper.make_node("Gemm", [flat, flat], [gram], name=names.amax_node(tensor, "gram"), transA=1),
         ])
         graph.output.append(helper.make_empty_tensor_value_info(gram))
         outputs[tensor] = gram
@@ -56,34 +56,44 @@ def build_gram_graph(proto: onnx.ModelProto, channels: Mapping[str, int]
 
 def collect_grams(model: LoadedModel, proto: onnx.ModelProto, channels: Mapping[str, int], data: CalibrationData,
                   *, progress: bool = True, initializers: Sequence[onnx.TensorProto] = ()) -> dict[str, np.ndarray]:
-    """``Σ xᵀx`` (float64 ``[C, C]``) over every calibration row of each activation in ``channels``
+    """``Σ xᵀx`` (float32 ``[C, C]``) over every calibration row of each activation in ``channels``
     (non-finite where the activation held inf or NaN). ``initializers``: tensors already split
     off ``proto`` (see :func:`calibrators.minmax.split_large_inline`)."""
     if not channels:
         return {}
     data.check(model_inputs(proto))
     work, outputs, big = build_gram_graph(proto, channels)
-    session = inference_session(work, model.base_dir, initializers=[*big, *initializers], early_consumers=True)
-    fetch = [outputs[t] for t in channels]
-    sums = {t: np.zeros((c, c), dtype=np.float64) for t, c in channels.items()}
+    session = inference_session(work, model.base_dir, initializers=[*big, *initializers], early_consumers=True,
+                                prepack=False)
+    # ORT writes each batch's products into these buffers (no output allocation per run).
+    products = {t: np.empty((c, c), dtype=np.float32) for t, c in channels.items()}
+    binding = session.io_binding()
+    for t, buffer in products.items():
+        binding.bind_output(outputs[t], "cpu", 0, np.float32, list(buffer.shape), buffer.ctypes.data)
+    sums: dict[str, np.ndarray] = {}
     batches = 0
     for feed in tqdm(data.batches(), total=data.num_batches(), desc="input second moments", unit="batch",
                      disable=not progress, leave=False):
         batches += 1
         try:
-            values = session.run(fetch, feed)
+            for name, value in feed.items():
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            session.run_with_iobinding(binding)
         except Exception as e:  # ORT raises its own exception types
             raise SmoothQuantError(f"{model.path}: ONNX Runtime failed while measuring input second moments: "
                                    f"{e}") from None
-        for tensor, value in zip(channels, values):
-            sums[tensor] += value  # non-finite sums stay so: the caller reports and skips them
+        for tensor, product in products.items():
+            if tensor in sums:
+                sums[tensor] += product  # non-finite sums stay so: the caller reports and skips them
+            else:
+                sums[tensor] = product.copy()
     if batches == 0:
         raise SmoothQuantError(f"{data.description}: no calibration batches left to measure input second "
                                f"moments (an iterator can be read only once)")
     return sums
 
 
-GRAM_BUDGET_BYTES = 2 << 30
+GRAM_BUDGET_BYTES = 512 << 20
 
 
 class WeightHessians(Mapping):
@@ -92,7 +102,7 @@ class WeightHessians(Mapping):
 
     ``inputs`` maps each weight to its ops' ``(activation, channels)`` pairs, in the order the
     caller will ask (graph order). A request for a weight not yet measured runs one pass over
-    ``data`` for it and the weights after it, as many as fit in ``budget`` bytes of float64 sums,
+    ``data`` for it and the weights after it, as many as fit in ``budget`` bytes of float32 sums,
     and drops the chunk before; so a caller asking in order makes ``ceil(total / budget)`` passes
     (one when everything fits). The graph is snapshotted at construction: later edits to
     ``proto`` (the quantizers add initializers while asking) do not reach the measurement.
@@ -126,7 +136,7 @@ class WeightHessians(Mapping):
         chunk, channels, size = [], {}, 0
         for weight in order[order.index(first):]:
             new = {t: c for t, c in self._inputs[weight] if t not in channels}
-            cost = sum(8 * c * c for c in new.values())
+            cost = sum(4 * c * c for c in new.values())
             if chunk and size + cost > self._budget:
                 break
             chunk.append(weight)

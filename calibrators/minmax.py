@@ -125,7 +125,7 @@ def build_calibration_graph(model: onnx.ModelProto, targets: Sequence[StatTarget
 
 def inference_session(proto: onnx.ModelProto, base_dir: Path, providers: Sequence[str] = ("CPUExecutionProvider",),
                       initializers: Sequence[onnx.TensorProto] = (), *,
-                      early_consumers: bool = False) -> ort.InferenceSession:
+                      early_consumers: bool = False, prepack: bool = True) -> ort.InferenceSession:
     """An ORT session over ``proto`` whose external data stays where it is on disk.
 
     The graph goes to ORT as bytes without its large inline tensors: those (and ``initializers``,
@@ -133,7 +133,8 @@ def inference_session(proto: onnx.ModelProto, base_dir: Path, providers: Sequenc
     external tensors from ``base_dir``, so the weights are neither serialized nor written.
     ``early_consumers``: ORT's priority-based execution order, which runs a tensor's side
     branches soon after it instead of keeping it alive to the end (for graphs that hang a
-    small branch off every layer, like the sensitivity measurement).
+    small branch off every layer, like the sensitivity measurement). ``prepack=False``: ORT keeps
+    no second, pre-packed copy of the weights (less memory, slower GEMMs).
     """
     proto, big = split_large_inline(proto)
     big = [*big, *initializers]
@@ -144,6 +145,8 @@ def inference_session(proto: onnx.ModelProto, base_dir: Path, providers: Sequenc
     options.enable_mem_pattern = False
     if early_consumers:
         options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     if any(uses_external_data(t) for t in proto.graph.initializer):
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base_dir))
     arrays = [numpy_helper.to_array(t) for t in big]
