@@ -28,6 +28,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 from onnx import helper
+from tqdm import tqdm
 
 from passes.config import Precision, QuantizationConfig, Target
 from passes.errors import SmoothQuantError
@@ -41,7 +42,8 @@ TINY = 1e-12
 
 
 def quantize_per_token(view: GraphView, linear_ops: list[LinearOp], opset: int, config: QuantizationConfig,
-                       hessians: Mapping[str, np.ndarray | None] | None = None) -> QuantReport:
+                       hessians: Mapping[str, np.ndarray | None] | None = None, *,
+                       progress: bool = False) -> QuantReport:
     """Rewrite every op of ``linear_ops`` to per-token dynamic W8A8; returns what was done.
     ``hessians``: per weight initializer, ``Σ xᵀx`` of its ops' inputs, for GPTQ rounding."""
     fmt = FORMATS[config.precision]
@@ -54,7 +56,8 @@ def quantize_per_token(view: GraphView, linear_ops: list[LinearOp], opset: int, 
     report = QuantReport(config.precision)
     plan: list[tuple[LinearOp, list[onnx.NodeProto]]] = []
     custom = config.target is Target.TENSORRT
-    for op in linear_ops:
+    for op in tqdm(linear_ops, desc="rounding weights (GPTQ)", unit="op", leave=False,
+                   disable=not (progress and hessians)):
         node = op.node
         if op.kind is LinearKind.CONV:
             report.skipped.append((op.name, "per-token quantization applies to MatMul/Gemm, not Conv"))

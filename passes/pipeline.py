@@ -96,6 +96,10 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
         raise SmoothQuantError("--max-fp-layers, --alpha auto, --clip search and --weight-rounding gptq read the "
                                "calibration data more than once: pass a list of feeds, an .npz or a folder, not an "
                                "iterator")
+    if rereads and calib is None and default_calibration_path(loaded.path) is None:
+        raise SmoothQuantError(f"{loaded.path}: --max-fp-layers, --alpha auto, --clip search and --weight-rounding "
+                               f"gptq run the model on calibration data, which statistics alone (--stats) do not "
+                               f"replace: pass --calib DATA or --calib-text FILE")
     if config.quantization is not None:
         need, why = FORMATS[config.quantization.precision].min_opset, config.quantization.precision.name
         if _has_half_floats(loaded.proto) and need < 19:
@@ -205,7 +209,8 @@ def _quantize(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup]
                             if linear_ops else f"--exclude {pattern!r} matches no linear op")
     if qconfig.granularity is Granularity.PER_TOKEN:
         hessians = _weight_hessians(loaded, view, candidates, calib, config, messages)
-        quant_report = quantize_per_token(view, candidates, opset, qconfig, hessians)
+        quant_report = quantize_per_token(view, candidates, opset, qconfig, hessians,
+                                          progress=config.calibration.progress)
         _report_hessians(hessians, messages)
         quant_report.skipped[:0] = kept_fp
         if qconfig.target is Target.TENSORRT and quant_report.quantized:
@@ -222,7 +227,8 @@ def _quantize(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup]
         kept_fp += [(name, f"sensitivity fallback: SQNR {e.sqnr_db:.1f} dB vs median {median:.1f} dB")
                     for name, e in fallback.items()]
     hessians = _weight_hessians(loaded, view, candidates, calib, config, messages)
-    quant_report = quantize_linear_ops(view, candidates, ranges, opset, qconfig, hessians)
+    quant_report = quantize_linear_ops(view, candidates, ranges, opset, qconfig, hessians,
+                                       progress=config.calibration.progress)
     _report_hessians(hessians, messages)
     quant_report.skipped[:0] = kept_fp
     if qconfig.target is Target.ONNXRUNTIME:

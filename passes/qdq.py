@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 from onnx import helper
+from tqdm import tqdm
 
 from passes.config import Precision, QuantizationConfig, Target, WeightStorage
 from passes.errors import SmoothQuantError
@@ -137,7 +138,8 @@ def quantize_weight(weight: np.ndarray, scale: np.ndarray, out_axis: int,
 
 def quantize_linear_ops(view: GraphView, linear_ops: list[LinearOp], ranges: dict[str, ActivationRange],
                         opset: int, config: QuantizationConfig = QuantizationConfig(),
-                        hessians: Mapping[str, np.ndarray | None] | None = None) -> QuantReport:
+                        hessians: Mapping[str, np.ndarray | None] | None = None, *,
+                        progress: bool = False) -> QuantReport:
     """Insert Q/DQ for every op in ``linear_ops``; ``ranges`` is keyed by each op's current input.
     ``hessians``: per weight initializer, ``Σ xᵀx`` of its ops' inputs, for GPTQ rounding."""
     fmt = FORMATS[config.precision]
@@ -149,7 +151,8 @@ def quantize_linear_ops(view: GraphView, linear_ops: list[LinearOp], ranges: dic
     act_dq: dict[str, str] = {}
     weight_dq: dict[tuple[str, int], str] = {}
     new_nodes: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []  # (node to insert, insert before)
-    for op in linear_ops:
+    for op in tqdm(linear_ops, desc="rounding weights (GPTQ)", unit="op", leave=False,
+                   disable=not (progress and hessians)):
         node, x = op.node, op.node.input[0]
         rng = ranges.get(x)
         if rng is None or not rng.valid():

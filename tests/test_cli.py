@@ -102,9 +102,14 @@ def test_empty_calibration_set(work):
     (work.parent / "empty").rmdir()
 
 
-def test_no_calibration_data(work):
+def test_no_calibration_data(work, tmp_path):
+    assert main([str(work / "model.onnx"), "--smooth-only", "-q", "--stats-out", str(tmp_path / "s.npz"),
+                 "-o", str(tmp_path / "s.onnx")]) == 0
     (work / "model.calib.npz").unlink()
     expect_error(work, [work / "model.onnx", "--smooth-only"], "no calibration data", "--calib")
+    # options that run the model again need the data itself, not only its statistics
+    expect_error(work, [work / "model.onnx", "--stats", tmp_path / "s.npz", "--weight-rounding", "gptq"],
+                 "statistics alone (--stats) do not replace", "--calib")
 
 
 def test_stats_from_another_model(work, demo_dir, tmp_path_factory):
