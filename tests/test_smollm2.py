@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from passes import CalibrationConfig, SmoothingConfig, SmoothQuantConfig, run_smoothquant
+from passes import (CalibrationConfig, Granularity, Precision, QuantizationConfig, SmoothingConfig, SmoothQuantConfig,
+                    Target, WeightRounding, run_smoothquant)
 from passes.evaluate import Task, evaluate
 
 MISSING = [m for m in ("transformers", "tokenizers", "gguf") if importlib.util.find_spec(m) is None]
@@ -64,3 +65,15 @@ def test_smoothing_is_exact_and_int8_stays_close(smollm2, tmp_path):
     # measured on the full 16 x 256 held-out set: +2.4% at alpha=0.8, +142% unsmoothed
     assert m_int8["perplexity_increase_pct"] < 6.0, m_int8
     assert m_naive["perplexity_increase_pct"] > 5 * max(m_int8["perplexity_increase_pct"], 1.0), m_naive
+
+
+def test_fp8_per_token_with_gptq_rounding_meets_the_fp8_target(smollm2, tmp_path):
+    """FP8 target <= 2% perplexity increase: measured +0.96% on these 8 x 256 tokens, +1.07% on the full
+    16 x 256 held-out set."""
+    config = SmoothQuantConfig(SmoothingConfig(0.5), QUIET, QuantizationConfig(
+        precision=Precision.FP8, granularity=Granularity.PER_TOKEN, target=Target.ONNXRUNTIME,
+        weight_rounding=WeightRounding.GPTQ))
+    result = run_smoothquant(smollm2, tmp_path / "fp8.onnx", config=config)
+    assert len(result.quant_report.quantized) == 210
+    m = ppl(smollm2, result.written[0])
+    assert m["perplexity_increase_pct"] < 2.0, m
