@@ -81,7 +81,11 @@ class QuantizationConfig:
     the calibration data is far above the rest (costs one more pass over the data).
     ``check``: run the TensorRT rule checker on the output (``Target.TENSORRT``) and fail on
     a violation. ``clip_grid``: search per group the ratio of the calibrated range whose
-    quantized output error on the calibration data is lowest (one pass per ratio)."""
+    quantized output error on the calibration data is lowest (one pass per ratio).
+    ``weight_rounding``: ``GPTQ`` rounds each weight so the op's output error on the calibration
+    data is small, not the weight's own. ``quantize_tied``: also smooth and quantize MatMuls
+    reading ``Transpose`` of a constant (a tied LM head reading the embedding), on their own
+    transposed copy (:mod:`passes.untie`)."""
 
     precision: Precision = Precision.INT8
     target: Target = Target.TENSORRT
@@ -92,6 +96,7 @@ class QuantizationConfig:
     clip_grid: tuple[float, ...] = ()  # ratios of the calibrated range to try per group; () = max calibration
     granularity: Granularity = Granularity.PER_TENSOR
     weight_rounding: WeightRounding = WeightRounding.NEAREST
+    quantize_tied: bool = False
 
     def __post_init__(self):
         if any(not 0.0 < r <= 1.0 for r in self.clip_grid):

@@ -35,6 +35,10 @@ class NameFactory:
     def gram_output(self, tensor: str) -> str:
         return self.unique(f"{PREFIX}_gram::{tensor}")
 
+    # Untying transposed constant weights (tied embeddings).
+    def transposed_constant(self, original: str) -> str:
+        return self.unique(f"{original}.{PREFIX}_transposed")
+
     # Smoothing.
     def cloned_constant(self, original: str) -> str:
         return self.unique(f"{original}.{PREFIX}_smoothed")

@@ -38,6 +38,7 @@ from passes.per_token import quantize_per_token
 from passes.qdq import FORMATS, ActivationRange, QuantReport, quantize_linear_ops
 from passes.sensitivity import LayerError, choose_fp_layers, measure_layer_errors
 from passes.smooth import PlannedGroup, SmoothingGroup, find_groups, plan_smoothing, smoothed_range, stat_targets
+from passes.untie import retie, untie_transposed_weights
 from plugins import schema as plugin_schema
 
 CalibSource = str | os.PathLike | Iterable[Feed]
@@ -108,6 +109,9 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
             messages.append(f"converted from opset {opset_version(loaded.proto)} to {need} for {why}")
             loaded = convert_opset(loaded, need)
     view = GraphView(loaded.proto.graph, TensorStore(loaded))
+    untied = untie_transposed_weights(view) if not smooth_only and config.quantization.quantize_tied else []
+    messages += [f"{view.node_label(u.op)} reads Transpose({u.source!r}) (a tied embedding): it gets its own "
+                 f"transposed copy {u.weight!r} to be smoothed and quantized" for u in untied]
     linear_ops, passed_over = find_linear_ops(view)
     messages += [f"{view.node_label(node)} is left as it is: {reason}" for node, reason in passed_over]
     # ONNX Runtime fuses GELU & co. only with their scalar constants: keep those for its target.
@@ -138,6 +142,8 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
     if not smooth_only:
         quant_report, layer_errors = _quantize(loaded, view, groups, planned, channel_stats, linear_ops, calib,
                                                config, messages, {c.activation: c.ratio for c in clip_choices})
+    messages += [f"{name}: neither smoothed nor quantized, reads Transpose of the tied weight again"
+                 for name in retie(view, untied)]
     result = SmoothQuantResult(loaded.proto, report, channel_stats, quant_report, layer_errors, alpha_choices,
                                clip_choices, messages=messages)
     if write:

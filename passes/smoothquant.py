@@ -60,6 +60,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-rounding", choices=[r.value for r in WeightRounding], default=WeightRounding.NEAREST.value,
                    help="nearest, or gptq: round each weight so the op's output error on the calibration data is "
                         "small (one more pass over the data; MatMul/Gemm weights)")
+    p.add_argument("--quantize-tied", action="store_true",
+                   help="also smooth and quantize MatMuls that read Transpose of a constant (a tied LM head reading "
+                        "the embedding), on their own transposed copy; by default they stay FP")
     p.add_argument("--exclude", action="append", default=[], metavar="REGEX",
                    help="keep linear ops whose node name matches REGEX in FP (repeatable)")
     p.add_argument("--max-fp-layers", type=int, default=0, metavar="N",
@@ -117,7 +120,8 @@ def config_from_args(args: argparse.Namespace) -> SmoothQuantConfig:
             precision=Precision(args.precision), target=Target(args.target), weights=WeightStorage(args.weights),
             exclude=tuple(args.exclude), max_fp_layers=args.max_fp_layers, check=not args.no_check,
             clip_grid=_ratios(args.clip_grid) if args.clip == "search" else (),
-            granularity=Granularity(args.granularity), weight_rounding=WeightRounding(args.weight_rounding)),
+            granularity=Granularity(args.granularity), weight_rounding=WeightRounding(args.weight_rounding),
+            quantize_tied=args.quantize_tied),
     )
 
 
