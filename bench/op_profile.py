@@ -16,7 +16,6 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 
 from calibrators.data import CalibrationData

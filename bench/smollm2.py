@@ -42,6 +42,8 @@ def settings() -> list[tuple[str, SmoothQuantConfig]]:
         ("int8 per-tensor, α=0.8, gptq", cfg(SmoothingConfig(0.8), **gptq)),
         ("int8 per-tensor, α=0.8, --target onnxruntime, gptq", cfg(SmoothingConfig(0.8), target=Target.ONNXRUNTIME,
                                                                    **gptq)),
+        ("int8 per-tensor, α=0.8, --target onnxruntime, gptq, --quantize-tied",
+         cfg(SmoothingConfig(0.8), target=Target.ONNXRUNTIME, quantize_tied=True, **gptq)),
         ("fp8 per-tensor, no smoothing, gptq", cfg(SmoothingConfig(enabled=False), precision=Precision.FP8, **gptq)),
         ("fp8 per-tensor, α=0.5, gptq", cfg(SmoothingConfig(0.5), precision=Precision.FP8, **gptq)),
         ("int8 per-token, no smoothing", cfg(SmoothingConfig(enabled=False), **per_token)),
