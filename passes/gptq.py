@@ -18,7 +18,8 @@ Details:
   ``scale`` (the outer GEMM dimension), so the result is an ordinary W8 weight;
 - rows are rounded in order of decreasing ``H_ii`` ("act order"; free here, as the scales
   do not depend on the order);
-- ``H += damp * mean(diag H) * I`` keeps H invertible; rows whose input is always zero
+- ``H += damp * mean(diag H) * I`` keeps H invertible (retried with 10x, 100x, 1000x the
+  damping if rounding left it indefinite); rows whose input is always zero
   (``H_ii = 0``) are rounded to nearest and move nothing;
 - rows are processed in blocks: inside a block corrections go row by row, the rows after the
   block get the block's corrections as one matrix product.
@@ -69,7 +70,14 @@ def gptq_round(weight: np.ndarray, hessian: np.ndarray, scale: np.ndarray, quant
     h[~live, ~live] = 1.0  # a dead input moves nothing and is moved by nothing
     order = np.argsort(-np.diag(h), kind="stable")
     w = weight.astype(np.float64)[order]
-    u = inverse_cholesky_upper(h[np.ix_(order, order)], damp)
+    for attempt in range(4):  # float32 sums can leave H barely indefinite: damp harder
+        try:
+            u = inverse_cholesky_upper(h[np.ix_(order, order)], damp * 10 ** attempt)
+            break
+        except np.linalg.LinAlgError:
+            if attempt == 3:
+                raise ValueError(f"the [{k}, {k}] second-moment matrix is not positive definite even with "
+                                 f"damping {damp * 1000:g}") from None
     q = np.empty_like(w)
     for start in range(0, k, block):
         stop = min(start + block, k)

@@ -64,6 +64,9 @@ def test_gptq_dead_inputs_round_to_nearest_and_shapes_are_checked():
     rounded = gptq_round(w, x.T @ x, scale, lambda v: fmt.cast(v).astype(np.float64))
     assert np.all(np.isfinite(rounded))
     assert np.array_equal(rounded[3], np.round(w[3] / scale))
+    # an indefinite H (negative eigenvalue beyond the first damping) is damped harder, not fatal
+    indefinite = x.T @ x - 0.05 * np.trace(x.T @ x) / 16 * np.eye(16)
+    assert np.all(np.isfinite(gptq_round(w, indefinite, scale, lambda v: fmt.cast(v).astype(np.float64))))
     with pytest.raises(ValueError, match=r"hessian must be \[16, 16\]"):
         gptq_round(w, np.eye(8), scale, np.round)
     with pytest.raises(ValueError, match=r"scale must be \[8\]"):
