@@ -13,7 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import run
 from passes import SmoothQuantConfig
 from passes.check_trt import check_model
-from passes.config import CalibrationConfig, Precision, QuantizationConfig, SmoothingConfig, Target, WeightStorage
+from passes.config import (CalibrationConfig, Precision, QuantizationConfig, SmoothingConfig, Target, WeightRounding,
+                           WeightStorage)
 from passes.errors import SmoothQuantError
 from passes.patterns import FoldKind
 from passes.pipeline import run_smoothquant
@@ -190,19 +191,23 @@ def mlp(tmp_path, d=256, hidden=1024, dtype=np.float32):
     return path, {"x": x.astype(dtype)}
 
 
-@pytest.mark.parametrize("precision", list(Precision))
-def test_fp16_models_quantize_with_fp16_scales(tmp_path, precision):
-    """QuantizeLinear takes fp16 input from opset 19: the model is converted, scales match its type."""
+@pytest.mark.parametrize("precision, rounding", [(p, WeightRounding.NEAREST) for p in Precision]
+                         + [(Precision.FP8, WeightRounding.GPTQ)])
+def test_fp16_models_quantize_with_fp16_scales(tmp_path, precision, rounding):
+    """QuantizeLinear takes fp16 input from opset 19: the model is converted, scales match its type
+    (GPTQ: its second moments are measured in float32 from the fp16 activations)."""
     path16, feeds16 = mlp(tmp_path, dtype=np.float16)
     path32, feeds32 = mlp(tmp_path)
-    result = run_smoothquant(path16, tmp_path / "q16.onnx", calib=[feeds16], config=config(precision=precision))
+    result = run_smoothquant(path16, tmp_path / "q16.onnx", calib=[feeds16],
+                             config=config(precision=precision, weight_rounding=rounding))
     assert any("to 19" in m for m in result.messages) and len(result.quant_report.quantized) == 2
     model = onnx.load(str(tmp_path / "q16.onnx"))
     inits = {t.name: t for t in model.graph.initializer}
     scales = [inits[n.input[1]] for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     assert scales and all(t.data_type == TensorProto.FLOAT16 for t in scales)
     assert check_model(tmp_path / "q16.onnx").ok
-    q32 = run_smoothquant(path32, tmp_path / "q32.onnx", calib=[feeds32], config=config(precision=precision))
+    q32 = run_smoothquant(path32, tmp_path / "q32.onnx", calib=[feeds32],
+                          config=config(precision=precision, weight_rounding=rounding))
     y16, y32 = run(tmp_path / "q16.onnx", feeds16)[0].astype(np.float64), run(q32.written[0], feeds32)[0]
     ref = run(path32, feeds32)[0]
     cos = lambda a, b: float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))  # noqa: E731
