@@ -33,8 +33,7 @@ def build_gram_graph(proto: onnx.ModelProto, channels: Mapping[str, int]
     the output name per activation, and the large initializers left out of the copy."""
     out, big = split_large_inline(proto)
     graph = out.graph
-    names = NameFactory({n.name for n in graph.node} | {o for n in graph.node for o in n.output}
-                        | {t.name for t in graph.initializer} | {i.name for i in graph.input})
+    names = NameFactory.for_graph(graph)
     outputs = {}
     del graph.output[:]
     for tensor, c in channels.items():

@@ -92,8 +92,7 @@ def build_calibration_graph(model: onnx.ModelProto, targets: Sequence[StatTarget
     to :func:`inference_session`)."""
     out, big = split_large_inline(model)
     graph = out.graph
-    names = NameFactory({n.name for n in graph.node} | {o for n in graph.node for o in n.output}
-                        | {t.name for t in graph.initializer} | {i.name for i in graph.input})
+    names = NameFactory.for_graph(graph)
     opset = opset_version(model)
     outputs, new_nodes, new_inits = {}, [], []
     for target in targets:

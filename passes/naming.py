@@ -17,6 +17,12 @@ class NameFactory:
     def __init__(self, taken: Iterable[str]):
         self._taken = set(taken)
 
+    @classmethod
+    def for_graph(cls, graph) -> NameFactory:
+        """Names not used by any node, node output, initializer or input of ``graph`` (a GraphProto)."""
+        return cls({n.name for n in graph.node} | {o for n in graph.node for o in n.output}
+                   | {t.name for t in graph.initializer} | {i.name for i in graph.input})
+
     def unique(self, base: str) -> str:
         name, i = base, 1
         while name in self._taken:

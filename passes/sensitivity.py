@@ -71,8 +71,7 @@ def measure_layer_errors(model: LoadedModel, proto: onnx.ModelProto, ops: Sequen
     work = copy.deepcopy(proto)
     graph = work.graph
     index = {id(n): i for i, n in enumerate(proto.graph.node)}
-    names = NameFactory({n.name for n in graph.node} | {o for n in graph.node for o in n.output}
-                        | {t.name for t in graph.initializer} | {i.name for i in graph.input})
+    names = NameFactory.for_graph(graph)
     twins, fetch = [], []
     # Insert from the back so earlier positions stay valid.
     for op in sorted(ops, key=lambda o: index[id(o.node)], reverse=True):
