@@ -74,9 +74,11 @@ def collect_grams(model: LoadedModel, proto: onnx.ModelProto, channels: Mapping[
     for feed in tqdm(data.batches(), total=data.num_batches(), desc="input second moments", unit="batch",
                      disable=not progress, leave=False):
         batches += 1
+        # ORT may read the bound inputs in place: keep them alive until the run is over.
+        inputs = {name: np.ascontiguousarray(value) for name, value in feed.items()}
         try:
-            for name, value in feed.items():
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            for name, value in inputs.items():
+                binding.bind_cpu_input(name, value)
             session.run_with_iobinding(binding)
         except Exception as e:  # ORT raises its own exception types
             raise SmoothQuantError(f"{model.path}: ONNX Runtime failed while measuring input second moments: "
