@@ -258,11 +258,11 @@ def _weight_hessians(loaded: LoadedModel, view: GraphView, ops: list[LinearOp], 
         return None
     inputs: dict[str, list[tuple[str, int]]] = {}
     for op in ops:
-        dims = view.store.proto(op.weight).dims
+        source = view.constant_source(op.node.input[1])  # the weight now (smoothing may have cloned op.weight)
+        dims = view.store.proto(source).dims
         if op.kind is LinearKind.CONV or len(dims) != 2:
             messages.append(f"{op.name}: GPTQ rounds 2-D MatMul/Gemm weights; this op's weight is rounded to nearest")
         else:
-            source = view.constant_source(op.node.input[1])
             inputs.setdefault(source, []).append((op.node.input[0], int(dims[op.weight_in_axis])))
     return WeightHessians(loaded, loaded.proto, inputs, _calibration_data(loaded, calib, config),
                           progress=config.calibration.progress)
