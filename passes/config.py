@@ -10,10 +10,13 @@ from passes.errors import SmoothQuantError
 
 
 class Unfoldable(enum.Enum):
-    """What to do with a group whose 1/s no constant can absorb."""
+    """What to do with a group whose 1/s no constant can absorb, or only by breaking a runtime's
+    fusion (GELU's scalar 0.5 under ``Target.ONNXRUNTIME``)."""
 
-    SKIP = "skip"  # leave the group unsmoothed (no extra node; best for runtime fusion)
+    AUTO = "auto"  # SPLIT for per-tensor Target.ONNXRUNTIME; else MUL where a fusion forbids folding, SKIP elsewhere
+    SKIP = "skip"  # leave the group unsmoothed (no extra node)
     MUL = "mul"  # insert one explicit Mul(X, 1/s) before the group's linear ops
+    SPLIT = "split"  # unsmoothed, its few outlier channels computed in FP beside the quantized GEMM (passes.split)
 
 
 class Precision(enum.Enum):
@@ -51,17 +54,22 @@ class WeightStorage(enum.Enum):
 class SmoothingConfig:
     """``alpha``: one migration strength for every group. ``alpha_grid``: if given, each group
     gets the candidate (or no smoothing) whose quantized error on the calibration data is
-    lowest (one pass over the data per candidate). ``enabled=False``: quantize unsmoothed."""
+    lowest (one pass over the data per candidate). ``enabled=False``: quantize unsmoothed.
+    ``split_ratio``: with ``Unfoldable.SPLIT``, a channel is an outlier if its calibrated
+    ``max|X_j|`` exceeds this many times the 99th percentile over channels."""
 
     alpha: float = 0.5
-    unfoldable: Unfoldable = Unfoldable.SKIP
+    unfoldable: Unfoldable = Unfoldable.AUTO
     alpha_grid: tuple[float, ...] = ()
     enabled: bool = True
+    split_ratio: float = 2.0
 
     def __post_init__(self):
         for a in (self.alpha, *self.alpha_grid):
             if not 0.0 <= a <= 1.0:
                 raise SmoothQuantError(f"alpha must lie in [0, 1], got {a}")
+        if not self.split_ratio >= 1.0:
+            raise SmoothQuantError(f"the split ratio must be >= 1, got {self.split_ratio}")
 
 
 @dataclass(frozen=True)
@@ -132,3 +140,23 @@ class SmoothQuantConfig:
     smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     quantization: QuantizationConfig | None = field(default_factory=QuantizationConfig)
+
+    def __post_init__(self):
+        if self.smoothing.unfoldable is Unfoldable.SPLIT:
+            if self.quantization is None:
+                raise SmoothQuantError("--unfoldable split computes outlier channels beside a quantized GEMM: it "
+                                       "needs quantization (drop --smooth-only, or pick skip or mul)")
+            if self.quantization.granularity is Granularity.PER_TOKEN:
+                raise SmoothQuantError("--unfoldable split needs per-tensor activation scales: a per-token scale is "
+                                       "set at run time by the very outlier channels the split leaves out")
+
+    @property
+    def unfoldable(self) -> Unfoldable:
+        """``smoothing.unfoldable`` with AUTO resolved: SPLIT for per-tensor ``Target.ONNXRUNTIME``
+        (ONNX Runtime's CPU kernels cannot fuse a smoothing Mul), else AUTO (MUL where folding would
+        break a runtime fusion, SKIP where no constant can absorb 1/s)."""
+        q = self.quantization
+        if self.smoothing.unfoldable is Unfoldable.AUTO and q is not None and q.target is Target.ONNXRUNTIME \
+                and q.granularity is Granularity.PER_TENSOR:
+            return Unfoldable.SPLIT
+        return self.smoothing.unfoldable

@@ -41,18 +41,21 @@ class SmoothingReport:
 
     @property
     def smoothed(self) -> list[GroupResult]:
-        return [g for g in self.groups if g.kind is not None]
+        return [g for g in self.groups if g.kind not in (None, FoldKind.SPLIT)]
 
     def summary(self) -> str:
+        split = self.count(FoldKind.SPLIT)
         lines = [
             f"smoothing groups: {len(self.groups)} found; {self.count(FoldKind.NORM)} folded into norm, "
             f"{self.count(FoldKind.LINEAR)} folded into linear, {self.count(FoldKind.MUL)} unfolded (explicit Mul), "
-            f"{self.count(None)} skipped"
+            + (f"{split} outlier channels split to FP, " if split else "") + f"{self.count(None)} skipped"
         ]
         for g in self.groups:
             head = ", ".join(g.consumers[:3]) + (f" (+{len(g.consumers) - 3})" if len(g.consumers) > 3 else "")
             if g.kind is None:
                 lines.append(f"  skipped  {g.activation} -> [{head}]: {g.detail}")
+            elif g.kind is FoldKind.SPLIT:
+                lines.append(f"  split    {g.activation} -> [{head}]: {g.detail}")
             else:
                 lo, hi = g.scale_range
                 lines.append(f"  {g.kind.value:<7}  {g.activation} -> [{head}] via {g.detail}, s in [{lo:.3g}, {hi:.3g}]")

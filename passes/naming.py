@@ -68,6 +68,34 @@ class NameFactory:
     def restore_mul(self, tensor: str) -> str:
         return self.unique(f"{PREFIX}_restore::{tensor}")
 
+    # Outlier-channel split (passes.split).
+    def outlier_index(self, tensor: str) -> str:
+        return self.unique(f"{tensor}.{PREFIX}_outlier_index")
+
+    def outlier_channels(self, tensor: str) -> str:
+        return self.unique(f"{tensor}.{PREFIX}_outlier_channels")
+
+    def outlier_gather(self, tensor: str) -> str:
+        return self.unique(f"{PREFIX}_outlier_gather::{tensor}")
+
+    def masked_weight(self, weight: str) -> str:
+        return self.unique(f"{weight}.{PREFIX}_outliers_masked")
+
+    def outlier_weight(self, weight: str) -> str:
+        return self.unique(f"{weight}.{PREFIX}_outlier_rows")
+
+    def partial_output(self, tensor: str) -> str:
+        return self.unique(f"{tensor}.{PREFIX}_without_outliers")
+
+    def outlier_product(self, tensor: str) -> str:
+        return self.unique(f"{tensor}.{PREFIX}_outlier_product")
+
+    def outlier_matmul(self, tensor: str) -> str:
+        return self.unique(f"{PREFIX}_outlier_matmul::{tensor}")
+
+    def outlier_add(self, tensor: str) -> str:
+        return self.unique(f"{PREFIX}_outlier_add::{tensor}")
+
     # Quantization.
     def q_node(self, tensor: str) -> str:
         return self.unique(f"{PREFIX}_q::{tensor}")

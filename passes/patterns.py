@@ -37,6 +37,7 @@ class FoldKind(enum.Enum):
     NORM = "norm"
     LINEAR = "linear"
     MUL = "mul"
+    SPLIT = "split"  # not smoothed: outlier channels computed in FP (passes.split)
 
 
 def channel_shape(shape: tuple[int, ...], channels: int, channel_axis: int, rank: int | None) -> tuple[int, ...] | None:
@@ -155,10 +156,14 @@ class InsertedMul:
     """No constant absorbs 1/s: insert X_s = Mul(X, 1/s) before the group's linear ops."""
 
     kind = FoldKind.MUL
-    description: str
+    reason: str  # why no constant absorbs 1/s
     activation: str
     channel_axis: int
     rank: int | None
+
+    @property
+    def description(self) -> str:
+        return f"explicit Mul ({self.reason})"
 
     def apply(self, ctx: FoldContext, inv_s: np.ndarray) -> None:
         insert_channel_mul(ctx.view, self.activation, inv_s, self.channel_axis, self.rank, ctx.group_nodes,
@@ -264,8 +269,8 @@ def find_fold_site(view: GraphView, activation: str, linear_by_output: dict[str,
         for gamma_idx in (0, 1):
             if is_const(node.input[gamma_idx]) and not is_const(node.input[1 - gamma_idx]):
                 if not fold_scalars and _is_scalar(view, node.input[gamma_idx]):
-                    return InsertedMul(f"explicit Mul (the scalar constant of {view.node_label(node)} is kept for "
-                                       f"the runtime's fusions)", activation, channel_axis, rank)
+                    return InsertedMul(f"the scalar constant of {view.node_label(node)} is kept for the runtime's "
+                                       f"fusions", activation, channel_axis, rank)
                 return AffineFold(_describe_norm(view, node.input[1 - gamma_idx]), ((node, gamma_idx),),
                                   channel_axis, rank)
     if channel_axis == -1:

@@ -28,16 +28,18 @@ from passes.check_trt import check_graph
 from passes.clip_search import ClipChoice, search_clipping
 from passes.config import Granularity, QuantizationConfig, SmoothQuantConfig, Target, WeightRounding
 from passes.errors import SmoothQuantError
-from passes.fold import SmoothingReport, fold_smoothing
+from passes.fold import GroupResult, SmoothingReport, fold_smoothing
 from passes.graph import GraphView, ensure_opset_import, opset_version
 from passes.linear import LinearKind, LinearOp, find_linear_ops
 from passes.onnx_io import LoadedModel, TensorStore, load_model, save_model
 from passes.ort_lowering import MS_DOMAIN, MS_VERSION, lower_for_onnxruntime
-from passes.patterns import LinearOutputFold
+from passes.naming import NameFactory
+from passes.patterns import FoldKind, LinearOutputFold
 from passes.per_token import quantize_per_token
 from passes.qdq import FORMATS, ActivationRange, QuantReport, quantize_linear_ops
 from passes.sensitivity import LayerError, choose_fp_layers, measure_layer_errors
 from passes.smooth import PlannedGroup, SmoothingGroup, find_groups, plan_smoothing, smoothed_range, stat_targets
+from passes.split import SplitOp, masked_hessians, outlier_channels, split_outliers, splittable
 from passes.untie import retie, untie_transposed_weights
 from plugins import schema as plugin_schema
 
@@ -116,7 +118,7 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
     messages += [f"{view.node_label(node)} is left as it is: {reason}" for node, reason in passed_over]
     # ONNX Runtime fuses GELU & co. only with their scalar constants: keep those for its target.
     ort = config.quantization is not None and config.quantization.target is Target.ONNXRUNTIME
-    groups = find_groups(view, linear_ops, config.smoothing, fold_scalars=not ort)
+    groups = find_groups(view, linear_ops, config.unfoldable, fold_scalars=not ort)
     needs_stats = any(g.site is not None for g in groups) or not smooth_only
 
     if not linear_ops:
@@ -127,13 +129,17 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
         if stats_out is not None:
             channel_stats.save(stats_out)
     planned, skipped, alpha_choices = _plan(loaded, view, groups, channel_stats, calib, config)
+    to_split, skipped = _plan_splits(view, skipped, channel_stats, config.smoothing.split_ratio)
+    exclude = {g.activation: idx for g, idx in to_split}
     clip_choices = []
     if not smooth_only and config.quantization.clip_grid:
-        clip_choices = search_clipping(loaded, loaded.proto, groups, planned, channel_stats,
+        clip_choices = search_clipping(loaded, loaded.proto, [g for g in groups if g.activation not in exclude],
+                                       planned, channel_stats,
                                        opset_version(loaded.proto), config.quantization,
                                        _calibration_data(loaded, calib, config), config.quantization.clip_grid,
                                        progress=config.calibration.progress)
     report = fold_smoothing(view, planned, skipped)
+    splits = _apply_splits(view, to_split, channel_stats, report)
     _record_rescaled_outputs(loaded.proto, planned)
     if linear_ops and not report.smoothed:
         messages.append(f"{loaded.path}: no smoothable pattern (norm or linear producer feeding linear ops); "
@@ -141,7 +147,8 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
     quant_report, layer_errors = None, []
     if not smooth_only:
         quant_report, layer_errors = _quantize(loaded, view, groups, planned, channel_stats, linear_ops, calib,
-                                               config, messages, {c.activation: c.ratio for c in clip_choices})
+                                               config, messages, {c.activation: c.ratio for c in clip_choices},
+                                               exclude, splits)
     messages += [f"{name}: neither smoothed nor quantized, reads Transpose of the tied weight again"
                  for name in retie(view, untied)]
     result = SmoothQuantResult(loaded.proto, report, channel_stats, quant_report, layer_errors, alpha_choices,
@@ -196,11 +203,12 @@ def _plan(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup], st
 
 def _quantize(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup], planned: list[PlannedGroup],
               stats: ChannelStats, linear_ops, calib: CalibSource | None, config: SmoothQuantConfig,
-              messages: list[str], clip: dict[str, float]) -> tuple[QuantReport, list[LayerError]]:
+              messages: list[str], clip: dict[str, float], exclude: dict[str, np.ndarray],
+              splits: list[SplitOp]) -> tuple[QuantReport, list[LayerError]]:
     """Exclusions, the sensitivity fallback, Q/DQ placement and the TensorRT self-check."""
     qconfig: QuantizationConfig = config.quantization
     opset = opset_version(loaded.proto)
-    ranges = tensor_ranges_after_smoothing(groups, planned, stats, clip)
+    ranges = tensor_ranges_after_smoothing(groups, planned, stats, clip, exclude)
     kept_fp: list[tuple[str, str]] = []
     candidates = []
     for op in linear_ops:
@@ -233,7 +241,7 @@ def _quantize(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup]
         kept_fp += [(name, f"sensitivity fallback: SQNR {e.sqnr_db:.1f} dB vs median {median:.1f} dB")
                     for name, e in fallback.items()]
     hessians = _weight_hessians(loaded, view, candidates, calib, config, messages)
-    quant_report = quantize_linear_ops(view, candidates, ranges, opset, qconfig, hessians,
+    quant_report = quantize_linear_ops(view, candidates, ranges, opset, qconfig, masked_hessians(hessians, splits),
                                        progress=config.calibration.progress)
     _report_hessians(hessians, messages)
     quant_report.skipped[:0] = kept_fp
@@ -277,19 +285,58 @@ def _report_hessians(hessians: WeightHessians | None, messages: list[str]) -> No
 
 
 def tensor_ranges_after_smoothing(groups: list[SmoothingGroup], planned: list[PlannedGroup], stats: ChannelStats,
-                                  clip: dict[str, float] | None = None) -> dict[str, ActivationRange]:
+                                  clip: dict[str, float] | None = None,
+                                  exclude: dict[str, np.ndarray] | None = None) -> dict[str, ActivationRange]:
     """Per-tensor range of each linear op's (current) input after smoothing (see :func:`smoothed_range`),
-    times the group's clipping ratio if one was chosen."""
+    times the group's clipping ratio if one was chosen; ``exclude``: channels split off to FP."""
     scales = {p.group.activation: p.scales for p in planned}
     ranges = {}
     for group in groups:
         if group.activation not in stats.amax:
             continue
-        rng = smoothed_range(stats, group.activation, scales.get(group.activation, 1.0))
+        rng = smoothed_range(stats, group.activation, scales.get(group.activation, 1.0),
+                             (exclude or {}).get(group.activation))
         rng = rng.scaled((clip or {}).get(group.activation, 1.0))
         for op in group.consumers:
             ranges[op.node.input[0]] = rng
     return ranges
+
+
+def _plan_splits(view: GraphView, skipped: list[SmoothingGroup], stats: ChannelStats, ratio: float
+                 ) -> tuple[list[tuple[SmoothingGroup, np.ndarray]], list[SmoothingGroup]]:
+    """Unsmoothed groups marked for a split whose input has outlier channels (and ops that allow
+    it); the other groups stay skipped, with the reason."""
+    to_split, rest = [], []
+    for group in skipped:
+        if not group.split:
+            rest.append(group)
+            continue
+        amax = stats.amax.get(group.activation)
+        idx = outlier_channels(amax, ratio) if amax is not None and group.channel_axis == -1 else np.zeros(0, np.int64)
+        why = next((f"{op.name}: {r}" for op in group.consumers if (r := splittable(view, op))), None)
+        if len(idx) and why is None:
+            to_split.append((group, idx))
+        else:
+            detail = (f"no channel's max|X| exceeds {ratio:g}x the 99th percentile" if why is None and len(idx) == 0
+                      else f"outlier channels not split ({why})" if why else "no channel statistics")
+            rest.append(replace(group, split=False, skip_reason=f"{group.skip_reason}; {detail}"))
+    return to_split, rest
+
+
+def _apply_splits(view: GraphView, to_split: list[tuple[SmoothingGroup, np.ndarray]], stats: ChannelStats,
+                  report: SmoothingReport) -> list[SplitOp]:
+    names = NameFactory(view.all_names())
+    done = []
+    for group, idx in to_split:
+        done += split_outliers(view, list(group.consumers), group.activation, idx, names)
+        amax = stats.amax[group.activation]
+        rest = np.delete(amax, idx)
+        report.groups.append(GroupResult(
+            group.activation, tuple(group.consumer_names), FoldKind.SPLIT,
+            f"{len(idx)} of {amax.size} input channels computed in FP (max|X| "
+            f"{', '.join(f'{v:.3g}' for v in amax[idx][:4])}{' ...' if len(idx) > 4 else ''} vs at most "
+            f"{rest.max():.3g} for the rest; {group.skip_reason})"))
+    return done
 
 
 def _get_stats(loaded: LoadedModel, view: GraphView, linear_ops, calib: CalibSource | None,

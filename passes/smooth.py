@@ -35,6 +35,7 @@ class SmoothingGroup:
     site: FoldSite | None
     skip_reason: str | None = None
     compensate: tuple = ()  # readers of X outside the group: they get Mul(X / s, s)
+    split: bool = False  # unsmoothable: split its outlier channels off instead (passes.split)
 
     @property
     def consumer_names(self) -> list[str]:
@@ -63,10 +64,12 @@ def stat_targets(view: GraphView, linear_ops: list[LinearOp]) -> list[StatTarget
 SHAPE_ONLY_OPS = ("Shape", "Size")  # X' = X / s has X's shape
 
 
-def find_groups(view: GraphView, linear_ops: list[LinearOp], config: SmoothingConfig,
+def find_groups(view: GraphView, linear_ops: list[LinearOp], unfoldable: Unfoldable,
                 fold_scalars: bool = True) -> list[SmoothingGroup]:
     """Group ``linear_ops`` by the activation they read and find each group's fold site
-    (``fold_scalars``: see :func:`passes.patterns.find_fold_site`)."""
+    (``fold_scalars``: see :func:`passes.patterns.find_fold_site`). Groups without one are
+    handled by ``unfoldable`` (AUTO: an explicit Mul where a kept scalar is the only obstacle,
+    skipped elsewhere)."""
     by_activation: dict[str, list[LinearOp]] = defaultdict(list)
     for op in linear_ops:
         by_activation[op.activation].append(op)
@@ -87,11 +90,14 @@ def find_groups(view: GraphView, linear_ops: list[LinearOp], config: SmoothingCo
         # Readers outside the group need X back, except those that read only its shape.
         others = tuple(c for c in view.consumers.get(activation, [])
                        if id(c) not in group_ids and c.op_type not in SHAPE_ONLY_OPS)
+        if isinstance(site, InsertedMul) and unfoldable in (Unfoldable.SKIP, Unfoldable.SPLIT):
+            site = site.reason  # a scalar kept for the runtime's fusions: as unfoldable as any
         if isinstance(site, str):
-            if config.unfoldable is Unfoldable.MUL:
-                site = InsertedMul(f"explicit Mul ({site})", activation, axis, rank if axis == 1 else None)
+            if unfoldable is Unfoldable.MUL:
+                site = InsertedMul(site, activation, axis, rank if axis == 1 else None)
             else:
-                groups.append(SmoothingGroup(activation, tuple(ops), channels, axis, None, site))
+                groups.append(SmoothingGroup(activation, tuple(ops), channels, axis, None, site,
+                                             split=unfoldable is Unfoldable.SPLIT))
                 continue
         groups.append(SmoothingGroup(activation, tuple(ops), channels, axis, site,
                                      compensate=() if isinstance(site, InsertedMul) else others))
@@ -111,17 +117,25 @@ def group_scales(view: GraphView, group: SmoothingGroup, act_amax: np.ndarray, a
     return smoothing_scales(act_amax, w_amax, alpha)
 
 
-def smoothed_range(stats: ChannelStats, tensor: str, s: np.ndarray | float = 1.0):
+def smoothed_range(stats: ChannelStats, tensor: str, s: np.ndarray | float = 1.0,
+                   exclude: np.ndarray | None = None):
     """Per-tensor range of ``X / s`` (s > 0) from per-channel statistics of X.
 
     ``max|X'| = max_j(amax_j / s_j)``; with signed statistics ``lo = min_j(min_j / s_j)`` and
-    ``hi = max_j(max_j / s_j)``, else the symmetric ``[-max|X'|, max|X'|]``.
+    ``hi = max_j(max_j / s_j)``, else the symmetric ``[-max|X'|, max|X'|]``. ``exclude``:
+    channel indices left out (split off to FP, :mod:`passes.split`).
     """
     from passes.qdq import ActivationRange  # noqa: PLC0415 - qdq does not depend on smoothing
 
+    keep = slice(None)
+    if exclude is not None and len(exclude):
+        keep = np.ones(stats.amax[tensor].size, dtype=bool)
+        keep[exclude] = False
+    s = s[keep] if isinstance(s, np.ndarray) else s
     if tensor in stats.minimum:
-        return ActivationRange(float(np.min(stats.minimum[tensor] / s)), float(np.max(stats.maximum[tensor] / s)))
-    amax = float(np.max(stats.amax[tensor] / s))
+        return ActivationRange(float(np.min(stats.minimum[tensor][keep] / s)),
+                               float(np.max(stats.maximum[tensor][keep] / s)))
+    amax = float(np.max(stats.amax[tensor][keep] / s))
     return ActivationRange(-amax, amax)
 
 

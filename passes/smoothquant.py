@@ -44,8 +44,14 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha-grid", default=",".join(f"{a:g}" for a in DEFAULT_GRID),
                    help="candidates for --alpha auto, comma-separated")
     p.add_argument("--no-smoothing", action="store_true", help="quantize without smoothing (a baseline)")
-    p.add_argument("--unfoldable", choices=[u.value for u in Unfoldable], default=Unfoldable.SKIP.value,
-                   help="groups no constant can absorb: skip them, or insert one explicit Mul")
+    p.add_argument("--unfoldable", choices=[u.value for u in Unfoldable], default=Unfoldable.AUTO.value,
+                   help="groups no constant can absorb (or only by breaking a runtime fusion, like GELU's scalar "
+                        "under --target onnxruntime): skip them, insert one explicit Mul, or split: quantize them "
+                        "unsmoothed with their few outlier channels computed in FP. auto: split for per-tensor "
+                        "--target onnxruntime, else mul where a fusion is the obstacle and skip elsewhere")
+    p.add_argument("--split-ratio", type=float, default=SmoothingConfig.split_ratio, metavar="R",
+                   help="with split: a channel is an outlier if its calibrated max|X| exceeds R times the 99th "
+                        "percentile over the channels")
     p.add_argument("--precision", choices=[x.value for x in Precision], default=Precision.INT8.value,
                    help="W8A8 format: int8 (symmetric) or fp8 (E4M3FN; raises the opset to 19)")
     p.add_argument("--granularity", choices=[g.value for g in Granularity], default=Granularity.PER_TENSOR.value,
@@ -102,7 +108,7 @@ def _smoothing_config(args: argparse.Namespace) -> SmoothingConfig:
         raise SmoothQuantError(f"--alpha {args.alpha!r} / --alpha-grid {args.alpha_grid!r}: expected numbers in "
                                f"[0, 1] (or --alpha auto)") from None
     return SmoothingConfig(alpha=alpha, unfoldable=Unfoldable(args.unfoldable), alpha_grid=grid,
-                           enabled=not args.no_smoothing)
+                           enabled=not args.no_smoothing, split_ratio=args.split_ratio)
 
 
 def _ratios(text: str) -> tuple[float, ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -13,8 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import run
 from passes import SmoothQuantConfig
 from passes.check_trt import check_model
-from passes.config import (CalibrationConfig, Precision, QuantizationConfig, SmoothingConfig, Target, WeightRounding,
-                           WeightStorage)
+from passes.config import (CalibrationConfig, Precision, QuantizationConfig, SmoothingConfig, Target, Unfoldable,
+                           WeightRounding, WeightStorage)
 from passes.errors import SmoothQuantError
 from passes.patterns import FoldKind
 from passes.pipeline import run_smoothquant
@@ -130,7 +131,8 @@ def test_onnxruntime_target_fuses_every_matmul(demo_dir, tmp_path):
 def test_onnxruntime_target_keeps_gelu_scalars_for_fusion(tmp_path):
     """GELU as BERT exports it: ``Mul(Mul(h, Add(Erf(Div(h, sqrt2)), 1)), 0.5)``. Folding 1/s into
     its 0.5 turns the scalar into a vector and ORT no longer fuses GELU; for the onnxruntime target
-    the group gets an explicit Mul instead, and ORT runs one Gelu kernel."""
+    the group is split (the default; here no channel is an outlier, so it stays unsmoothed) or, with
+    ``--unfoldable mul``, gets an explicit Mul; either way ORT runs one Gelu kernel."""
     rng = np.random.default_rng(4)
     model = onnx.parser.parse_model("""
         <ir_version: 8, opset_import: ["" : 17]>
@@ -149,10 +151,15 @@ def test_onnxruntime_target_keeps_gelu_scalars_for_fusion(tmp_path):
     model.graph.initializer.extend(numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items())
     onnx.save(model, str(tmp_path / "gelu.onnx"))
     np.savez(tmp_path / "gelu.calib.npz", x=rng.standard_normal((32, 16)).astype(np.float32))
-    results = {t: run_smoothquant(tmp_path / "gelu.onnx", tmp_path / f"{t.value}.onnx", config=config(target=t))
-               for t in Target}
+    mul = SmoothingConfig(unfoldable=Unfoldable.MUL)
+    results = {t: run_smoothquant(tmp_path / "gelu.onnx", tmp_path / f"{t.value}.onnx",
+                                  config=replace(config(target=t), smoothing=mul)) for t in Target}
     kinds = {t: [g.kind for g in r.report.groups if g.activation == "g"] for t, r in results.items()}
     assert kinds == {Target.ONNXRUNTIME: [FoldKind.MUL], Target.TENSORRT: [FoldKind.NORM]}
+    default = run_smoothquant(tmp_path / "gelu.onnx", tmp_path / "default.onnx", config=config(target=Target.ONNXRUNTIME))
+    group = next(g for g in default.report.groups if g.activation == "g")
+    assert group.kind is None and "no channel's max|X| exceeds 2x" in group.detail
+    assert fused_op_types(tmp_path / "default.onnx", tmp_path)["Gelu"] == 1
     out = onnx.load(str(tmp_path / "onnxruntime.onnx"))
     assert numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "half")).shape == ()
     fused = fused_op_types(tmp_path / "onnxruntime.onnx", tmp_path)

@@ -1,0 +1,148 @@
+"""Outlier-channel split: exact in FP, then the quantized GEMM no longer sees the outliers."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.parser
+import pytest
+from onnx import numpy_helper
+
+from conftest import initializer_arrays, rel_err, run
+from passes import SmoothQuantConfig
+from passes.config import (CalibrationConfig, Granularity, QuantizationConfig, SmoothingConfig, Target, Unfoldable,
+                           WeightRounding)
+from passes.errors import SmoothQuantError
+from passes.graph import GraphView
+from passes.linear import find_linear_ops
+from passes.naming import NameFactory
+from passes.onnx_io import TensorStore, load_model
+from passes.patterns import FoldKind
+from passes.pipeline import run_smoothquant
+from passes.split import outlier_channels, split_outliers, splittable
+from test_quantize import row_cosine
+
+QUIET = CalibrationConfig(progress=False)
+K, N = 256, 24
+OUTLIERS = [5, 140]
+
+
+def test_outlier_channels_picks_channels_far_above_the_99th_percentile():
+    amax = np.ones(1000)
+    amax[[3, 500]] = [10.0, 2.5]
+    amax[7] = 1.9  # under 2x the 99th percentile (1.0)
+    assert outlier_channels(amax, 2.0).tolist() == [3, 500]
+    assert outlier_channels(amax, 3.0).tolist() == [3]
+    assert outlier_channels(np.ones(8)).size == 0
+    assert outlier_channels(np.array([1.0, np.inf])).size == 0
+    with pytest.raises(ValueError, match=r"\[C\]"):
+        outlier_channels(np.ones((2, 3)))
+    with pytest.raises(ValueError, match=">= 1"):
+        outlier_channels(np.ones(4), 0.5)
+
+
+def gelu_mlp(tmp_path, op: str = "MatMul"):
+    """x -> GELU (erf form, scalar 0.5 as ORT fuses it) -> linear (+ bias): the GELU output has two
+    input channels 20x larger than the rest."""
+    rng = np.random.default_rng(0)
+    linear = ("y0 = MatMul (h, w)\n y = Add (y0, b)" if op == "MatMul"
+              else "y = Gemm <transB = 1, alpha = 0.5> (h, wt, b)")
+    tokens = "B, T" if op == "MatMul" else "T"  # Gemm takes 2-D inputs
+    model = onnx.parser.parse_model(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[{tokens}, {K}] x) => (float[{tokens}, {N}] y) {{
+            xs = Mul (x, amp)
+            u = Div (xs, sqrt2)
+            e = Erf (u)
+            e1 = Add (e, one)
+            p = Mul (xs, e1)
+            h = Mul (p, half)
+            {linear}
+        }}""")
+    amp = np.ones(K, np.float32)
+    amp[OUTLIERS] = 20.0
+    w = rng.normal(0, 0.2, (K, N)).astype(np.float32)
+    consts = {"amp": amp, "sqrt2": np.array(np.sqrt(2), np.float32), "one": np.array(1, np.float32),
+              "half": np.array(0.5, np.float32), "b": rng.normal(0, 1, N).astype(np.float32),
+              "w": w, "wt": np.ascontiguousarray(w.T)}
+    used = {i for n in model.graph.node for i in n.input}
+    model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items() if k in used)
+    path = tmp_path / f"gelu_{op}.onnx"
+    onnx.save(model, str(path))
+    calib, test = ((32, 8, K), (16, 8, K)) if op == "MatMul" else ((256, K), (128, K))
+    np.savez(tmp_path / f"gelu_{op}.calib.npz", x=rng.normal(0, 1, calib).astype(np.float32))
+    return path, {"x": rng.normal(0, 1, test).astype(np.float32)}
+
+
+@pytest.mark.parametrize("op", ["MatMul", "Gemm"])
+def test_split_is_exact_in_fp(tmp_path, op):
+    path, feeds = gelu_mlp(tmp_path, op)
+    loaded = load_model(path)
+    view = GraphView(loaded.proto.graph, TensorStore(loaded))
+    ops, _ = find_linear_ops(view)
+    assert splittable(view, ops[0]) is None
+    done = split_outliers(view, ops, ops[0].activation, np.array(OUTLIERS), NameFactory(view.all_names()))
+    assert done[0].channels.tolist() == OUTLIERS
+    masked = view.store.array(done[0].weight)
+    assert not np.any(masked[OUTLIERS] if op == "MatMul" else masked[:, OUTLIERS])
+    assert rel_err(run(path, feeds), run(loaded.proto, feeds)) < 1e-6
+
+
+def quantize(path, out, unfoldable=Unfoldable.AUTO, rounding=WeightRounding.NEAREST, **smoothing):
+    return run_smoothquant(path, out, config=SmoothQuantConfig(
+        SmoothingConfig(unfoldable=unfoldable, **smoothing), QUIET,
+        QuantizationConfig(target=Target.ONNXRUNTIME, weight_rounding=rounding)))
+
+
+@pytest.mark.parametrize("rounding", list(WeightRounding))
+def test_onnxruntime_target_splits_gelu_outliers_and_is_more_accurate(tmp_path, rounding):
+    path, feeds = gelu_mlp(tmp_path)
+    ref = run(path, feeds)[0]
+    split = quantize(path, tmp_path / "split.onnx", rounding=rounding)  # AUTO: split for ORT per-tensor
+    kinds = [g.kind for g in split.report.groups]
+    assert kinds == [FoldKind.SPLIT]
+    assert "2 of 256 input channels computed in FP" in split.report.groups[0].detail
+    model = onnx.load(str(tmp_path / "split.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    assert "MatMulIntegerToFloat" in ops and ops.count("Gather") == 1 and "Mul" in ops  # GELU's own Muls
+    assert not [n for n in model.graph.node if n.op_type == "Mul" and n.name.startswith("sq_")]
+    kernel = next(n for n in model.graph.node if n.op_type == "MatMulIntegerToFloat")
+    assert len(kernel.input) == 7  # the bias Add stays fused; the FP term is added after it
+    w_q = initializer_arrays(tmp_path / "split.onnx")[kernel.input[1]]
+    assert not np.any(w_q[OUTLIERS])  # GPTQ too keeps the split rows at zero
+    skip = quantize(path, tmp_path / "skip.onnx", Unfoldable.SKIP, rounding)
+    mul = quantize(path, tmp_path / "mul.onnx", Unfoldable.MUL, rounding)
+    assert [g.kind for g in skip.report.groups] == [None]
+    assert [g.kind for g in mul.report.groups] == [FoldKind.MUL]
+    cos = {name: row_cosine(ref, run(tmp_path / f"{name}.onnx", feeds)[0]).mean() for name in ("split", "skip", "mul")}
+    errs = {name: rel_err([ref], run(tmp_path / f"{name}.onnx", feeds)) for name in ("split", "skip", "mul")}
+    assert errs["split"] < 0.5 * errs["skip"], (errs, cos)
+    assert cos["split"] > 0.999, cos
+
+
+def test_split_group_without_outliers_is_skipped_with_the_reason(tmp_path):
+    path, _ = gelu_mlp(tmp_path)
+    result = quantize(path, tmp_path / "q.onnx", split_ratio=100.0)
+    group = result.report.groups[0]
+    assert group.kind is None and "no channel's max|X| exceeds 100x" in group.detail
+
+
+def test_tensorrt_target_folds_gelu_and_never_splits_by_default(tmp_path):
+    path, _ = gelu_mlp(tmp_path)
+    result = run_smoothquant(path, tmp_path / "q.onnx", config=SmoothQuantConfig(SmoothingConfig(), QUIET))
+    assert [g.kind for g in result.report.groups] == [FoldKind.NORM]  # GELU's 0.5 absorbs 1/s
+
+
+def test_split_needs_per_tensor_quantization():
+    with pytest.raises(SmoothQuantError, match="needs quantization"):
+        SmoothQuantConfig(SmoothingConfig(unfoldable=Unfoldable.SPLIT), quantization=None)
+    with pytest.raises(SmoothQuantError, match="per-tensor"):
+        SmoothQuantConfig(SmoothingConfig(unfoldable=Unfoldable.SPLIT),
+                          quantization=QuantizationConfig(granularity=Granularity.PER_TOKEN))
+    with pytest.raises(SmoothQuantError, match="split ratio"):
+        SmoothingConfig(split_ratio=0.5)
+    per_token = SmoothQuantConfig(quantization=QuantizationConfig(target=Target.ONNXRUNTIME,
+                                                                  granularity=Granularity.PER_TOKEN))
+    assert per_token.unfoldable is Unfoldable.AUTO  # AUTO splits only per-tensor ORT
+    assert SmoothQuantConfig(quantization=QuantizationConfig(target=Target.ONNXRUNTIME)).unfoldable \
+        is Unfoldable.SPLIT
