@@ -54,7 +54,8 @@ class WeightStorage(enum.Enum):
 class SmoothingConfig:
     """``alpha``: one migration strength for every group. ``alpha_grid``: if given, each group
     gets the candidate (or no smoothing) whose quantized error on the calibration data is
-    lowest (one pass over the data per candidate). ``enabled=False``: quantize unsmoothed.
+    lowest (one pass over the data per candidate). ``enabled=False``: quantize unsmoothed, with
+    no outlier splits either (the plain baseline).
     ``split_ratio``: with ``Unfoldable.SPLIT``, a channel is an outlier if its calibrated
     ``max|X_j|`` exceeds this many times the 99th percentile over channels."""
 

@@ -193,7 +193,7 @@ def _plan(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup], st
           calib: CalibSource | None, config: SmoothQuantConfig):
     """Scales per group: one α, a per-group search, or no smoothing at all."""
     if not config.smoothing.enabled:
-        return [], [replace(g, site=None, skip_reason="smoothing disabled") for g in groups], []
+        return [], [replace(g, site=None, skip_reason="smoothing disabled", split=False) for g in groups], []
     if not config.smoothing.alpha_grid:
         return (*plan_smoothing(view, groups, stats, config.smoothing), [])
     return search_alpha(loaded, loaded.proto, view, groups, stats, opset_version(loaded.proto),

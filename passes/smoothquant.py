@@ -43,7 +43,8 @@ def get_parser() -> argparse.ArgumentParser:
                         "smoothing) by quantized error on the calibration data")
     p.add_argument("--alpha-grid", default=",".join(f"{a:g}" for a in DEFAULT_GRID),
                    help="candidates for --alpha auto, comma-separated")
-    p.add_argument("--no-smoothing", action="store_true", help="quantize without smoothing (a baseline)")
+    p.add_argument("--no-smoothing", action="store_true",
+                   help="quantize without smoothing or outlier splits (the plain baseline)")
     p.add_argument("--unfoldable", choices=[u.value for u in Unfoldable], default=Unfoldable.AUTO.value,
                    help="groups no constant can absorb (or only by breaking a runtime fusion, like GELU's scalar "
                         "under --target onnxruntime): skip them, insert one explicit Mul, or split: quantize them "

@@ -146,3 +146,10 @@ def test_split_needs_per_tensor_quantization():
     assert per_token.unfoldable is Unfoldable.AUTO  # AUTO splits only per-tensor ORT
     assert SmoothQuantConfig(quantization=QuantizationConfig(target=Target.ONNXRUNTIME)).unfoldable \
         is Unfoldable.SPLIT
+
+
+def test_no_smoothing_is_the_plain_baseline_without_splits(tmp_path):
+    path, _ = gelu_mlp(tmp_path)
+    result = run_smoothquant(path, tmp_path / "q.onnx", config=SmoothQuantConfig(
+        SmoothingConfig(enabled=False), QUIET, QuantizationConfig(target=Target.ONNXRUNTIME)))
+    assert [(g.kind, g.detail) for g in result.report.groups] == [(None, "smoothing disabled")]
