@@ -20,7 +20,7 @@ from models.export import export
 from bench.common import quantize_each
 from passes import CalibrationConfig, Precision, QuantizationConfig, SmoothingConfig, SmoothQuantConfig
 from passes.alpha_search import DEFAULT_GRID
-from passes.config import Target, WeightRounding
+from passes.config import Target, Unfoldable, WeightRounding
 from passes.evaluate import evaluate
 
 GRID = (*DEFAULT_GRID, 0.95, 1.0)
@@ -47,6 +47,9 @@ def settings() -> list[tuple[str, SmoothQuantConfig]]:
                                                               rounding=gptq)),
         ("int8 α auto, --target onnxruntime, gptq", cfg(SmoothingConfig(alpha_grid=GRID), target=Target.ONNXRUNTIME,
                                                         rounding=gptq)),
+        # Before the outlier split was the onnxruntime default: GELU groups smoothed through an explicit Mul.
+        ("int8 α auto, --target onnxruntime, gptq, --unfoldable mul",
+         cfg(SmoothingConfig(alpha_grid=GRID, unfoldable=Unfoldable.MUL), target=Target.ONNXRUNTIME, rounding=gptq)),
         ("fp8 no smoothing, gptq", cfg(SmoothingConfig(enabled=False), Precision.FP8, rounding=gptq)),
         ("fp8 α auto, gptq", cfg(SmoothingConfig(alpha_grid=GRID), Precision.FP8, rounding=gptq)),
     ]

@@ -33,7 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # Our rows: settings of the per-model benches (same configurations, same labels after "ours ").
-OURS = {"minilm": ("int8 α auto, --target onnxruntime, gptq", "int8 no smoothing, --target onnxruntime, gptq",
+OURS = {"minilm": ("int8 α auto, --target onnxruntime, gptq", "int8 α auto, --target onnxruntime, gptq, --unfoldable mul",
+                   "int8 no smoothing, --target onnxruntime, gptq",
                    "int8 α=0.9", "fp8 α auto, gptq"),
         "smollm2": ("int8 per-tensor, α=0.8, --target onnxruntime, gptq",
                     "int8 per-tensor, α=0.8, --target onnxruntime, gptq, --quantize-tied",
