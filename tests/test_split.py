@@ -153,3 +153,29 @@ def test_no_smoothing_is_the_plain_baseline_without_splits(tmp_path):
     result = run_smoothquant(path, tmp_path / "q.onnx", config=SmoothQuantConfig(
         SmoothingConfig(enabled=False), QUIET, QuantizationConfig(target=Target.ONNXRUNTIME)))
     assert [(g.kind, g.detail) for g in result.report.groups] == [(None, "smoothing disabled")]
+
+
+def test_explicit_split_for_tensorrt_passes_its_rule_checker(tmp_path):
+    """A graph input cannot absorb 1/s; with --unfoldable split its outlier channels go to FP, and
+    the output still satisfies TensorRT's explicit-quantization rules (checked by the pipeline)."""
+    rng = np.random.default_rng(1)
+    model = onnx.parser.parse_model(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[T, {K}] x) => (float[T, {N}] y) {{
+            y = MatMul (x, w)
+        }}""")
+    model.graph.initializer.append(numpy_helper.from_array(rng.normal(0, 0.2, (K, N)).astype(np.float32), "w"))
+    path = tmp_path / "input.onnx"
+    onnx.save(model, str(path))
+    calib = rng.normal(0, 1, (256, K)).astype(np.float32)
+    calib[:, OUTLIERS] *= 30
+    np.savez(tmp_path / "input.calib.npz", x=calib)
+    result = run_smoothquant(path, tmp_path / "q.onnx", config=SmoothQuantConfig(
+        SmoothingConfig(unfoldable=Unfoldable.SPLIT), QUIET, QuantizationConfig(target=Target.TENSORRT)))
+    assert [g.kind for g in result.report.groups] == [FoldKind.SPLIT]
+    feeds = {"x": calib[:64]}
+    plain = run_smoothquant(path, tmp_path / "plain.onnx", config=SmoothQuantConfig(
+        SmoothingConfig(unfoldable=Unfoldable.SKIP), QUIET, QuantizationConfig(target=Target.TENSORRT)))
+    assert [g.kind for g in plain.report.groups] == [None]
+    ref = run(path, feeds)
+    assert rel_err(ref, run(tmp_path / "q.onnx", feeds)) < 0.25 * rel_err(ref, run(tmp_path / "plain.onnx", feeds))
