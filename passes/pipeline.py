@@ -141,9 +141,9 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
     report = fold_smoothing(view, planned, skipped)
     splits = _apply_splits(view, to_split, channel_stats, report)
     _record_rescaled_outputs(loaded.proto, planned)
-    if linear_ops and not report.smoothed:
+    if linear_ops and config.smoothing.enabled and not any(g.site is not None for g in groups):
         messages.append(f"{loaded.path}: no smoothable pattern (norm or linear producer feeding linear ops); "
-                        f"the model is written unchanged")
+                        + ("the model is written unchanged" if smooth_only else "it is quantized unsmoothed"))
     quant_report, layer_errors = None, []
     if not smooth_only:
         quant_report, layer_errors = _quantize(loaded, view, groups, planned, channel_stats, linear_ops, calib,

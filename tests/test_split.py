@@ -179,3 +179,11 @@ def test_explicit_split_for_tensorrt_passes_its_rule_checker(tmp_path):
     assert [g.kind for g in plain.report.groups] == [None]
     ref = run(path, feeds)
     assert rel_err(ref, run(tmp_path / "q.onnx", feeds)) < 0.25 * rel_err(ref, run(tmp_path / "plain.onnx", feeds))
+
+
+def test_no_smoothing_does_not_claim_the_model_is_written_unchanged(tmp_path):
+    path, _ = gelu_mlp(tmp_path)
+    result = run_smoothquant(path, tmp_path / "q.onnx", config=SmoothQuantConfig(
+        SmoothingConfig(enabled=False), QUIET, QuantizationConfig(target=Target.ONNXRUNTIME)))
+    assert not [m for m in result.messages if "unchanged" in m or "no smoothable pattern" in m], result.messages
+    assert result.quant_report.quantized
