@@ -26,7 +26,7 @@ from calibrators.stats import ChannelStats
 from passes.alpha_search import AlphaChoice, search_alpha
 from passes.check_trt import check_graph
 from passes.clip_search import ClipChoice, search_clipping
-from passes.config import Granularity, QuantizationConfig, SmoothQuantConfig, Target, WeightRounding
+from passes.config import Granularity, QuantizationConfig, SmoothQuantConfig, Target, Unfoldable, WeightRounding
 from passes.errors import SmoothQuantError
 from passes.fold import GroupResult, SmoothingReport, fold_smoothing
 from passes.graph import GraphView, ensure_opset_import, opset_version
@@ -196,9 +196,11 @@ def _plan(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup], st
         return [], [replace(g, site=None, skip_reason="smoothing disabled", split=False) for g in groups], []
     if not config.smoothing.alpha_grid:
         return (*plan_smoothing(view, groups, stats, config.smoothing), [])
+    # An explicit --unfoldable split also offers the split to smoothable groups (AUTO does not).
+    split_ratio = config.smoothing.split_ratio if config.smoothing.unfoldable is Unfoldable.SPLIT else None
     return search_alpha(loaded, loaded.proto, view, groups, stats, opset_version(loaded.proto),
                         config.quantization or QuantizationConfig(), _calibration_data(loaded, calib, config),
-                        config.smoothing.alpha_grid, progress=config.calibration.progress)
+                        config.smoothing.alpha_grid, split_ratio=split_ratio, progress=config.calibration.progress)
 
 
 def _quantize(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup], planned: list[PlannedGroup],

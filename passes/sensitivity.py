@@ -34,6 +34,7 @@ from passes.linear import LinearKind, LinearOp
 from passes.naming import NameFactory
 from passes.onnx_io import LoadedModel, TensorStore
 from passes.qdq import ActivationRange, quantize_linear_ops
+from passes.split import split_outliers
 
 # An op is "far above the rest" when its error energy exceeds this multiple of the median op's.
 OUTLIER_FACTOR = 4.0
@@ -58,12 +59,15 @@ class LayerError:
 def measure_layer_errors(model: LoadedModel, proto: onnx.ModelProto, ops: Sequence[LinearOp],
                          ranges: dict[str, ActivationRange], opset: int, config: QuantizationConfig,
                          data: CalibrationData, *, progress: bool = True,
-                         trial_scales: dict[str, np.ndarray] | None = None) -> list[LayerError]:
+                         trial_scales: dict[str, np.ndarray] | None = None,
+                         trial_splits: dict[str, np.ndarray] | None = None) -> list[LayerError]:
     """Quantization error of every op in ``ops`` (nodes of ``proto``) on ``data``.
 
     ``trial_scales`` maps an op's activation to smoothing scales ``s`` to try without folding
     (the twin reads ``X * (1/s)`` and ``s * W``); ``ranges`` must then hold the range of ``X / s``
-    under the key :func:`trial_input` names.
+    under the key :func:`trial_input` names. ``trial_splits`` maps an activation to outlier
+    channels to try splitting off to FP (:mod:`passes.split`; the twin becomes the split form,
+    ``ranges`` holds the range of the other channels).
     """
     if not ops:
         return []
@@ -93,6 +97,9 @@ def measure_layer_errors(model: LoadedModel, proto: onnx.ModelProto, ops: Sequen
         twins = [_apply_trial_scale(view, twin, trial_scales[twin.activation])
                  if twin.activation in trial_scales else twin for twin in twins]
         view.rebuild()
+    for twin in twins:
+        if twin.activation in (trial_splits or {}):
+            split_outliers(view, [twin], twin.activation, trial_splits[twin.activation], names)
     report = quantize_linear_ops(view, twins, ranges, opset, config)
     if report.skipped:
         skipped = {name for name, _ in report.skipped}
@@ -122,10 +129,12 @@ def measure_layer_errors(model: LoadedModel, proto: onnx.ModelProto, ops: Sequen
 
 @dataclass(frozen=True)
 class Trial:
-    """One candidate for one group: smoothing scales to try (None: none) and the range of X / s."""
+    """One candidate for one group: smoothing scales to try (None: none) and the range of X / s;
+    or, with ``split``, the outlier channels to compute in FP (and the range of the others)."""
 
     scales: np.ndarray | None
     range: ActivationRange
+    split: np.ndarray | None = None
 
 
 def measure_group_candidates(model: LoadedModel, proto: onnx.ModelProto, groups: Sequence, candidates: Sequence,
@@ -139,16 +148,19 @@ def measure_group_candidates(model: LoadedModel, proto: onnx.ModelProto, groups:
     ops = [op for g in groups for op in g.consumers]
     errors: dict[str, dict[object, float]] = {g.activation: {} for g in groups}
     for c in tqdm(candidates, desc=desc, unit="candidate", disable=not progress, leave=False):
-        scales, ranges = {}, {}
+        scales, ranges, splits = {}, {}, {}
         for g in groups:
             t = trial(g, c)
             if t.scales is None:
                 ranges[g.activation] = t.range
+                if t.split is not None and len(t.split):
+                    splits[g.activation] = t.split
             else:
                 scales[g.activation] = t.scales
                 ranges[trial_input(g.activation)] = t.range
         measured = {e.name: e.relative for e in measure_layer_errors(model, proto, ops, ranges, opset, config, data,
-                                                                     progress=False, trial_scales=scales)}
+                                                                     progress=False, trial_scales=scales,
+                                                                     trial_splits=splits)}
         for g in groups:
             errors[g.activation][c] = float(sum(measured.get(op.name, np.inf) for op in g.consumers))
     return errors

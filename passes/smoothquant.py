@@ -49,7 +49,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="groups no constant can absorb (or only by breaking a runtime fusion, like GELU's scalar "
                         "under --target onnxruntime): skip them, insert one explicit Mul, or split: quantize them "
                         "unsmoothed with their few outlier channels computed in FP. auto: split for per-tensor "
-                        "--target onnxruntime, else mul where a fusion is the obstacle and skip elsewhere")
+                        "--target onnxruntime, else mul where a fusion is the obstacle and skip elsewhere. "
+                        "An explicit split with --alpha auto also offers the split to every smoothable group "
+                        "and keeps it where its measured error is lowest")
     p.add_argument("--split-ratio", type=float, default=SmoothingConfig.split_ratio, metavar="R",
                    help="with split: a channel is an outlier if its calibrated max|X| exceeds R times the 99th "
                         "percentile over the channels")

@@ -187,3 +187,37 @@ def test_no_smoothing_does_not_claim_the_model_is_written_unchanged(tmp_path):
         SmoothingConfig(enabled=False), QUIET, QuantizationConfig(target=Target.ONNXRUNTIME)))
     assert not [m for m in result.messages if "unchanged" in m or "no smoothable pattern" in m], result.messages
     assert result.quant_report.quantized
+
+
+def test_alpha_search_offers_the_split_with_explicit_split(tmp_path):
+    """A LayerNorm-like group (foldable) whose input has two outlier channels: with an explicit
+    --unfoldable split the α search also measures the split form and keeps it where it wins."""
+    rng = np.random.default_rng(2)
+    model = onnx.parser.parse_model(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[T, {K}] x) => (float[T, {N}] y) {{
+            h = Mul (x, gamma)
+            y = MatMul (h, w)
+        }}""")
+    gamma = np.ones(K, np.float32)
+    gamma[OUTLIERS] = 40.0
+    model.graph.initializer.extend([numpy_helper.from_array(gamma, "gamma"),
+                                    numpy_helper.from_array(rng.normal(0, 0.2, (K, N)).astype(np.float32), "w")])
+    path = tmp_path / "norm.onnx"
+    onnx.save(model, str(path))
+    np.savez(tmp_path / "norm.calib.npz", x=rng.normal(0, 1, (256, K)).astype(np.float32))
+    feeds = {"x": rng.normal(0, 1, (64, K)).astype(np.float32)}
+
+    def search(unfoldable):
+        return run_smoothquant(path, tmp_path / f"{unfoldable.value}.onnx", config=SmoothQuantConfig(
+            SmoothingConfig(alpha_grid=(0.5,), unfoldable=unfoldable), QUIET, QuantizationConfig()))
+
+    offered, default = search(Unfoldable.SPLIT), search(Unfoldable.AUTO)
+    errors = offered.alpha_choices[0].errors
+    assert set(errors) == {None, "split", 0.5} and set(default.alpha_choices[0].errors) == {None, 0.5}
+    # measured: 3.1e-5 split, 6.7e-4 at α=0.5, 1.7e-2 unsmoothed
+    assert errors["split"] < 0.2 * errors[0.5] < errors[None], errors
+    assert [g.kind for g in offered.report.groups] == [FoldKind.SPLIT]
+    assert [g.kind for g in default.report.groups] == [FoldKind.NORM]
+    ref = run(path, feeds)
+    assert rel_err(ref, run(tmp_path / "split.onnx", feeds)) < 0.5 * rel_err(ref, run(tmp_path / "auto.onnx", feeds))
