@@ -17,7 +17,8 @@ from pathlib import Path
 from models.export import export
 from bench.common import quantize_each
 from passes import CalibrationConfig, Precision, QuantizationConfig, SmoothingConfig, SmoothQuantConfig
-from passes.config import Granularity, Target, WeightRounding
+from passes.alpha_search import DEFAULT_GRID
+from passes.config import Granularity, Target, Unfoldable, WeightRounding
 from passes.evaluate import Task, evaluate
 
 QUIET = CalibrationConfig(progress=False, batch_size=4)
@@ -46,6 +47,9 @@ def settings() -> list[tuple[str, SmoothQuantConfig]]:
          cfg(SmoothingConfig(0.8), target=Target.ONNXRUNTIME, quantize_tied=True, **gptq)),
         ("fp8 per-tensor, no smoothing, gptq", cfg(SmoothingConfig(enabled=False), precision=Precision.FP8, **gptq)),
         ("fp8 per-tensor, α=0.5, gptq", cfg(SmoothingConfig(0.5), precision=Precision.FP8, **gptq)),
+        ("fp8 per-tensor, α auto, gptq", cfg(SmoothingConfig(alpha_grid=DEFAULT_GRID), precision=Precision.FP8, **gptq)),
+        ("fp8 per-tensor, α auto, --unfoldable split, gptq",
+         cfg(SmoothingConfig(alpha_grid=DEFAULT_GRID, unfoldable=Unfoldable.SPLIT), precision=Precision.FP8, **gptq)),
         ("int8 per-token, no smoothing", cfg(SmoothingConfig(enabled=False), **per_token)),
         ("int8 per-token, α=0.5", cfg(SmoothingConfig(0.5), **per_token)),
         ("int8 per-token, α=0.8", cfg(SmoothingConfig(0.8), **per_token)),
