@@ -32,7 +32,7 @@ from passes.graph import GraphView
 from passes.onnx_io import LoadedModel
 from passes.sensitivity import Trial, measure_group_candidates
 from passes.smooth import PlannedGroup, SmoothingGroup, group_scales, smoothed_range
-from passes.split import outlier_channels, splittable
+from passes.split import plan_split
 
 DEFAULT_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 SPLIT = "split"  # the candidate "outlier channels in FP, no smoothing"
@@ -93,7 +93,6 @@ def search_alpha(model: LoadedModel, proto: onnx.ModelProto, view: GraphView, gr
 
 
 def _split_channels(view: GraphView, group: SmoothingGroup, stats: ChannelStats, ratio: float) -> np.ndarray:
-    """The group's outlier channels, or none if an op of the group cannot be split."""
-    if group.channel_axis != -1 or any(splittable(view, op) for op in group.consumers):
-        return np.zeros(0, dtype=np.int64)
-    return outlier_channels(stats.amax[group.activation], ratio)
+    """The group's outlier channels, or none (no outliers, or an op of the group cannot be split)."""
+    found = plan_split(view, list(group.consumers), stats.amax[group.activation], ratio)
+    return np.zeros(0, dtype=np.int64) if isinstance(found, str) else found

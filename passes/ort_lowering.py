@@ -58,7 +58,7 @@ def lower_for_onnxruntime(view: GraphView) -> LoweringReport:
         inputs = [x_dq.input[0], w_dq.input[0], x_dq.input[1], w_dq.input[1],
                   x_dq.input[2] if len(x_dq.input) > 2 else "", ""]
         output = node.output[0]
-        add = _bias_add(view, node, view.store.proto(w_dq.input[0]).dims[1])
+        add = fusible_bias_add(view, node, view.store.proto(w_dq.input[0]).dims[1])
         if add is not None:
             bias = add.input[1] if add.input[0] == output else add.input[0]
             inputs.append(bias)
@@ -121,7 +121,7 @@ def _weight_dq(view: GraphView, dq: onnx.NodeProto | None) -> bool:
     return True
 
 
-def _bias_add(view: GraphView, matmul: onnx.NodeProto, n: int) -> onnx.NodeProto | None:
+def fusible_bias_add(view: GraphView, matmul: onnx.NodeProto, n: int) -> onnx.NodeProto | None:
     """The MatMul's only reader, if it is ``Add(Y, b)`` with a constant float32 ``b`` of shape ``[N]``."""
     y = matmul.output[0]
     readers = view.consumers.get(y, [])

@@ -39,7 +39,7 @@ from passes.per_token import quantize_per_token
 from passes.qdq import FORMATS, ActivationRange, QuantReport, quantize_linear_ops
 from passes.sensitivity import LayerError, choose_fp_layers, measure_layer_errors
 from passes.smooth import PlannedGroup, SmoothingGroup, find_groups, plan_smoothing, smoothed_range, stat_targets
-from passes.split import SplitOp, masked_hessians, outlier_channels, split_outliers, splittable
+from passes.split import SplitOp, masked_hessians, plan_split, split_outliers
 from passes.untie import retie, untie_transposed_weights
 from plugins import schema as plugin_schema
 
@@ -313,15 +313,11 @@ def _plan_splits(view: GraphView, skipped: list[SmoothingGroup], stats: ChannelS
         if not group.split:
             rest.append(group)
             continue
-        amax = stats.amax.get(group.activation)
-        idx = outlier_channels(amax, ratio) if amax is not None and group.channel_axis == -1 else np.zeros(0, np.int64)
-        why = next((f"{op.name}: {r}" for op in group.consumers if (r := splittable(view, op))), None)
-        if len(idx) and why is None:
-            to_split.append((group, idx))
+        found = plan_split(view, list(group.consumers), stats.amax.get(group.activation), ratio)
+        if isinstance(found, str):
+            rest.append(replace(group, split=False, skip_reason=f"{group.skip_reason}; {found}"))
         else:
-            detail = (f"no channel's max|X| exceeds {ratio:g}x the 99th percentile" if why is None and len(idx) == 0
-                      else f"outlier channels not split ({why})" if why else "no channel statistics")
-            rest.append(replace(group, split=False, skip_reason=f"{group.skip_reason}; {detail}"))
+            to_split.append((group, found))
     return to_split, rest
 
 

@@ -32,6 +32,7 @@ from onnx import helper
 from passes.graph import GraphView, attribute
 from passes.linear import LinearKind, LinearOp
 from passes.naming import NameFactory
+from passes.ort_lowering import fusible_bias_add
 
 DEFAULT_RATIO = 2.0
 PERCENTILE = 99.0
@@ -71,6 +72,17 @@ def splittable(view: GraphView, op: LinearOp) -> str | None:
     return None
 
 
+def plan_split(view: GraphView, ops: list[LinearOp], amax: np.ndarray | None, ratio: float) -> np.ndarray | str:
+    """The outlier channels (non-empty) to split off the input ``ops`` share, or why there are none."""
+    why = next((f"{op.name}: {r}" for op in ops if (r := splittable(view, op))), None)
+    if why is not None:
+        return f"outlier channels not split ({why})"
+    if amax is None:
+        return "no channel statistics"
+    idx = outlier_channels(amax, ratio)
+    return idx if len(idx) else f"no channel's max|X| exceeds {ratio:g}x the 99th percentile"
+
+
 def split_outliers(view: GraphView, ops: list[LinearOp], activation: str, channels: np.ndarray,
                    names: NameFactory) -> list[SplitOp]:
     """Rewrite every op of ``ops`` (all reading ``activation``; check :func:`splittable` first) as
@@ -100,7 +112,7 @@ def split_outliers(view: GraphView, ops: list[LinearOp], activation: str, channe
         node.input[1] = masked_name
         rows_name = names.outlier_weight(masked_name)
         view.set_initializer(rows_name, np.ascontiguousarray(rows))
-        tail = _tail(view, node)
+        tail = _tail(view, node, rows.shape[1])
         output = tail.output[0]
         partial = names.partial_output(output)
         tail.output[0] = partial
@@ -116,15 +128,11 @@ def split_outliers(view: GraphView, ops: list[LinearOp], activation: str, channe
     return done
 
 
-def _tail(view: GraphView, node):
-    """The node whose output gets the FP term: a MatMul's bias ``Add`` of a constant if that is its
-    only reader (ONNX Runtime fuses MatMul + bias into one GEMM; an Add in between would stop it)."""
-    readers = view.consumers.get(node.output[0], [])
-    if node.op_type == "MatMul" and len(readers) == 1 and node.output[0] not in view.graph_outputs:
-        add = readers[0]
-        if add.op_type == "Add" and any(view.constant_source(t) is not None for t in add.input if t != node.output[0]):
-            return add
-    return node
+def _tail(view: GraphView, node, n: int):
+    """The node whose output gets the FP term: a MatMul's bias ``Add``, if ONNX Runtime's lowering
+    would fuse it into the GEMM (:func:`passes.ort_lowering.fusible_bias_add`; an Add in between
+    would stop it), else the op itself."""
+    return (fusible_bias_add(view, node, n) if node.op_type == "MatMul" else None) or node
 
 
 class _DeadInputs(Mapping):
