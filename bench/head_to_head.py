@@ -1,6 +1,7 @@
 """ONNX Runtime CPU latency of several models on one batch, timed in alternation.
 
-    python -m bench.head_to_head BASE.onnx A.onnx B.onnx ... --data EVAL.npz [--batch 8] [--rounds 100] [--json OUT]
+    python -m bench.head_to_head BASE.onnx A.onnx B.onnx ... --data EVAL.npz [--batch 8] [--rounds 100]
+        [--disable-optimizer NAME] [--json OUT]
 
 One session per model (default graph optimizations, default threads); each round runs every
 model once, in turn, so machine noise hits them alike, and the order rotates from round to
@@ -9,6 +10,11 @@ here, depending on which one precedes it). Each turn runs the model ``--repeat``
 the median of all runs but the first (the one that pays for the switch). The table gives the median ms per run
 and each model's speed relative to the first (``> 1``: faster than BASE), with the spread of
 the per-round ratio (25th-75th percentile).
+
+``--disable-optimizer NAME`` (repeatable; an ORT graph transformer such as
+``SkipLayerNormFusion``) adds, for every model, a second session built without it, timed in the
+same rotation: a runtime setting a deployment can choose applies to every model alike, so its
+effect is measured on all of them side by side rather than credited to one.
 """
 
 from __future__ import annotations
@@ -24,10 +30,11 @@ import onnxruntime as ort
 from calibrators.data import CalibrationData
 
 
-def session(model: Path) -> ort.InferenceSession:
+def session(model: Path, disabled: tuple[str, ...] = ()) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(disabled))
 
 
 def main(argv=None) -> int:
@@ -38,10 +45,17 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=100)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeat", type=int, default=3, help="runs per model per turn (the first is not timed)")
+    p.add_argument("--disable-optimizer", action="append", default=[], metavar="NAME",
+                   help="also time every model in a session without this ORT graph transformer "
+                        "(e.g. SkipLayerNormFusion); repeatable")
     p.add_argument("--json")
     args = p.parse_args(argv)
     feed = next(iter(CalibrationData(args.data, args.batch).batches()))
-    sessions = [session(m) for m in args.models]
+    variants = [((), str(m), m) for m in args.models]
+    if args.disable_optimizer:
+        off = tuple(args.disable_optimizer)
+        variants += [(off, f"{m} (without {', '.join(off)})", m) for m in args.models]
+    sessions = [session(m, off) for off, _, m in variants]
     times = np.zeros((args.rounds, len(sessions)))
     n = len(sessions)
     for r in range(-args.warmup, args.rounds):
@@ -55,10 +69,10 @@ def main(argv=None) -> int:
             if r >= 0:
                 times[r, i] = float(np.median(runs))
     ratio = times[:, :1] / times  # per round: baseline time / model time
-    rows = [{"model": str(m), "median_ms": round(float(np.median(times[:, i])) * 1e3, 2),
+    rows = [{"model": label, "disabled_optimizers": list(off), "median_ms": round(float(np.median(times[:, i])) * 1e3, 2),
              "speed_vs_first": round(float(np.median(ratio[:, i])), 4),
              "ratio_p25": round(float(np.percentile(ratio[:, i], 25)), 4),
-             "ratio_p75": round(float(np.percentile(ratio[:, i], 75)), 4)} for i, m in enumerate(args.models)]
+             "ratio_p75": round(float(np.percentile(ratio[:, i], 75)), 4)} for i, (off, label, _) in enumerate(variants)]
     width = max(len(r["model"]) for r in rows)
     print(f"{'model':<{width}}  median ms  speed vs first (p25-p75)")
     for r in rows:
