@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 
 from passes import (CalibrationConfig, Granularity, Precision, QuantizationConfig, SmoothingConfig, SmoothQuantConfig,
-                    Target, WeightRounding, run_smoothquant)
+                    Target, Unfoldable, WeightRounding, run_smoothquant)
+from passes.alpha_search import DEFAULT_GRID
 from passes.evaluate import Task, evaluate
+from passes.patterns import FoldKind
 
 MISSING = [m for m in ("transformers", "tokenizers", "gguf") if importlib.util.find_spec(m) is None]
 MISSING += [t for t in ("apt-get", "dpkg-deb") if shutil.which(t) is None]
@@ -75,5 +77,22 @@ def test_fp8_per_token_with_gptq_rounding_meets_the_fp8_target(smollm2, tmp_path
         weight_rounding=WeightRounding.GPTQ))
     result = run_smoothquant(smollm2, tmp_path / "fp8.onnx", config=config)
     assert len(result.quant_report.quantized) == 210
+    m = ppl(smollm2, result.written[0])
+    assert m["perplexity_increase_pct"] < 2.0, m
+
+
+def test_fp8_per_tensor_alpha_search_with_the_split_meets_the_fp8_target(smollm2, tmp_path):
+    """FP8 per tensor, target <= 2%: α search over the default grid with the outlier split offered to every
+    group, GPTQ rounding. Measured +1.47% on these 8 x 256 tokens (16 x 256 calibration; about 5 min on 2 cores)
+    and +1.47% on the full 16 x 256 held-out set; without the split the same search gave +1.93%."""
+    config = SmoothQuantConfig(SmoothingConfig(alpha_grid=DEFAULT_GRID, unfoldable=Unfoldable.SPLIT), QUIET,
+                               QuantizationConfig(precision=Precision.FP8, weight_rounding=WeightRounding.GPTQ))
+    result = run_smoothquant(smollm2, tmp_path / "fp8.onnx", config=config)
+    assert len(result.quant_report.quantized) == 210
+    split = [g for g in result.report.groups if g.kind is FoldKind.SPLIT]
+    # The down projections whose inputs carry the ~3000x single-token outliers (layers 11 and 29) are split.
+    huge = [g for g in result.report.groups if result.stats.amax[g.activation].max() > 1000]
+    assert huge and all(g.kind is FoldKind.SPLIT for g in huge), [(g.activation, g.kind) for g in huge]
+    assert 20 <= len(split) <= 80, result.report.summary()  # 49 of 120 groups in the measured run
     m = ppl(smollm2, result.written[0])
     assert m["perplexity_increase_pct"] < 2.0, m
