@@ -57,13 +57,17 @@ class SmoothingConfig:
     lowest (one pass over the data per candidate). ``enabled=False``: quantize unsmoothed, with
     no outlier splits either (the plain baseline).
     ``split_ratio``: with ``Unfoldable.SPLIT``, a channel is an outlier if its calibrated
-    ``max|X_j|`` exceeds this many times the 99th percentile over channels."""
+    ``max|X_j|`` exceeds this many times the 99th percentile over channels.
+    ``attention_values``: also smooth attention output projections, folding their 1/s into the
+    value projection through P @ V (:mod:`passes.value_fold`; exact, off by default: on SmolLM2
+    it helps a fixed α and hurts the α search, see the README)."""
 
     alpha: float = 0.5
     unfoldable: Unfoldable = Unfoldable.AUTO
     alpha_grid: tuple[float, ...] = ()
     enabled: bool = True
     split_ratio: float = 2.0
+    attention_values: bool = False
 
     def __post_init__(self):
         for a in (self.alpha, *self.alpha_grid):

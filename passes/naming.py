@@ -41,6 +41,13 @@ class NameFactory:
     def gram_output(self, tensor: str) -> str:
         return self.unique(f"{PREFIX}_gram::{tensor}")
 
+    # Tracing attention value paths (temporary graph, never written to the output).
+    def trace_shape(self, tensor: str) -> str:
+        return self.unique(f"{PREFIX}_trace_shape::{tensor}")
+
+    def trace_node(self, tensor: str) -> str:
+        return self.unique(f"{PREFIX}_trace::{tensor}")
+
     # Untying transposed constant weights (tied embeddings).
     def transposed_constant(self, original: str) -> str:
         return self.unique(f"{original}.{PREFIX}_transposed")

@@ -10,6 +10,10 @@ A fold site rewrites the producer of X so it emits ``X / s`` directly:
   (or X itself) whose factor comes from a linear layer read by nothing else, as in
   SwiGLU's ``silu(gate) * up``. Then ``X / s = A (.) (P (W_p / s) + b_p / s)``: 1/s
   scales W_p's output channels.
+* **attention value** (:class:`AttentionValueFold`): X = L2(P @ L1(Y W_v + b_v)), the input of
+  an attention output projection: layout ops (L1, L2) around the attention-weighted sum of V.
+  Then 1/s scales W_v's output columns through the channel map the layout ops make
+  (:mod:`passes.value_fold` traces it).
 * **mul** (:class:`InsertedMul`): no constant can absorb it; one explicit
   ``Mul(X, 1/s)`` is placed before the group's linear ops (reported as unfolded).
 
@@ -151,6 +155,62 @@ class LinearOutputFold:
             ctx.scale_constant(bias_node, index, inv_s, [bias_node], None, -1, None)
 
 
+LAYOUT_OPS = ("Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Identity")
+SHAPE_READERS = ("Shape", "Size")  # read only a tensor's shape, which scaling leaves alone
+
+
+@dataclass(frozen=True)
+class ValuePath:
+    """How an attention output projection's input X comes from the value projection V:
+    X = after(MatMul(P, before(V))), ``before``/``after`` layout nodes in execution order."""
+
+    value: LinearOutputFold  # V = Y W_v [+ b_v]
+    before: tuple[onnx.NodeProto, ...]  # from V (or V + b_v) to the MatMul's second input
+    matmul: onnx.NodeProto  # P @ (...)
+    after: tuple[onnx.NodeProto, ...]  # from the MatMul's output to X
+
+    @property
+    def value_tensor(self) -> str:
+        """The tensor the layout chain starts from (V, after its bias)."""
+        return self.before[0].input[0] if self.before else self.matmul.input[1]
+
+
+@dataclass(frozen=True)
+class AttentionValueFold:
+    """X = L2(P @ L1(V)): X's channel c carries V's column ``channel_map[c]``, so dividing that
+    column of W_v (and b_v) by s_c divides X_c by s_c. Needs s equal on channels that share a
+    column (grouped-query attention): :meth:`tie` makes per-channel maxima so before the scales
+    are computed. ``channel_map`` is None until :func:`passes.value_fold.trace_value_channels`
+    fills it in."""
+
+    kind = FoldKind.LINEAR
+    description: str
+    path: ValuePath
+    channel_map: np.ndarray | None = None
+
+    @property
+    def producer(self) -> LinearOp:
+        return self.path.value.producer
+
+    def tie(self, per_channel: np.ndarray) -> np.ndarray:
+        """Per-channel values replaced by their maximum over the channels that read the same V column."""
+        if self.channel_map is None:
+            raise ValueError("the attention value path has not been traced")
+        column_max = np.full(int(self.channel_map.max()) + 1, -np.inf)
+        np.maximum.at(column_max, self.channel_map, per_channel)
+        return column_max[self.channel_map]
+
+    def apply(self, ctx: FoldContext, inv_s: np.ndarray) -> None:
+        if self.channel_map is None:
+            raise ValueError("the attention value path has not been traced")
+        columns = _out_width(ctx.view, self.producer)
+        inv_v = np.ones(columns)
+        inv_v[self.channel_map] = inv_s
+        if not np.allclose(inv_v[self.channel_map], inv_s, rtol=1e-12, atol=0):
+            raise ValueError("channels that read one value column got different scales")
+        self.path.value.apply(ctx, inv_v)
+
+
 @dataclass(frozen=True)
 class InsertedMul:
     """No constant absorbs 1/s: insert X_s = Mul(X, 1/s) before the group's linear ops."""
@@ -185,7 +245,7 @@ def insert_channel_mul(view: GraphView, tensor: str, vector: np.ndarray, channel
     view.rebuild()
 
 
-FoldSite = AffineFold | LinearOutputFold | InsertedMul
+FoldSite = AffineFold | LinearOutputFold | AttentionValueFold | InsertedMul
 
 
 def _const_channel(view: GraphView, tensor: str, channels: int, channel_axis: int, rank: int | None) -> bool:
@@ -226,14 +286,15 @@ def _describe_norm(view: GraphView, tensor: str) -> str:
 
 def find_fold_site(view: GraphView, activation: str, linear_by_output: dict[str, LinearOp],
                    channels: int, channel_axis: int, rank: int | None,
-                   fold_scalars: bool = True) -> FoldSite | str:
+                   fold_scalars: bool = True, attention_values: bool = False) -> FoldSite | str:
     """The site that can absorb ``1/s`` for ``activation``, or the reason there is none.
 
     Readers of ``activation`` outside the group are not checked here: the fold pass gives
     them ``Mul(X / s, s)`` (see :func:`passes.fold.fold_smoothing`). ``fold_scalars=False``:
     a scalar constant of a Mul (GELU's 0.5, say) is not turned into a vector, because a
     runtime matches fusion patterns on it (ONNX Runtime fuses GELU only with its scalars);
-    such a group gets an explicit Mul instead.
+    such a group gets an explicit Mul instead. ``attention_values``: also look for
+    :class:`AttentionValueFold` sites (an attention output projection's input).
     """
     if activation in view.graph_inputs:
         return f"{activation!r} is a graph input"
@@ -283,18 +344,66 @@ def find_fold_site(view: GraphView, activation: str, linear_by_output: dict[str,
                     fold = _linear_output_site(view, factor, linear_by_output, channels, "SwiGLU / gated product")
                     if fold is not None:
                         return fold
+        path = _attention_value_path(view, activation, linear_by_output) if attention_values else None
+        if path is not None:
+            return AttentionValueFold(f"value projection {path.value.producer.name!r} (through P @ V)", path)
     return f"{activation!r} is produced by {view.node_label(node)}, which has no constant to absorb 1/s"
 
 
-def _linear_output_site(view: GraphView, tensor: str, linear_by_output: dict[str, LinearOp], channels: int,
+def _out_width(view: GraphView, op: LinearOp) -> int:
+    return int(view.store.proto(op.weight).dims[op.weight_out_axis])
+
+
+def _only_read_by(view: GraphView, tensor: str, node: onnx.NodeProto) -> bool:
+    """``tensor`` is not a graph output and every reader but ``node`` reads only its shape."""
+    return tensor not in view.graph_outputs and all(
+        c is node or c.op_type in SHAPE_READERS for c in view.consumers.get(tensor, []))
+
+
+def _attention_value_path(view: GraphView, activation: str, linear_by_output: dict[str, LinearOp]
+                          ) -> ValuePath | None:
+    """X = L2(MatMul(P, L1(V))) with V from a linear layer and every tensor from V to X read by the
+    path alone (shape readers aside); None if ``activation`` is not such an X."""
+    after, tensor = [], activation
+    node = view.producer.get(tensor)
+    while node is not None and node.op_type in LAYOUT_OPS and node.op_type != "Expand":
+        after.append(node)
+        tensor = node.input[0]
+        if not _only_read_by(view, tensor, node):
+            return None
+        node = view.producer.get(tensor)
+    if node is None or node.op_type != "MatMul" or len(node.input) != 2:
+        return None
+    matmul, before = node, []
+    if view.constant_source(matmul.input[1]) is not None or view.constant_value(matmul.input[1]) is not None:
+        return None  # a constant weight: an ordinary linear op, not P @ V
+    tensor, reader = matmul.input[1], matmul
+    while True:
+        if not _only_read_by(view, tensor, reader):
+            return None
+        node = view.producer.get(tensor)
+        if node is None or node.op_type not in LAYOUT_OPS:
+            break
+        before.append(node)
+        tensor, reader = node.input[0], node
+    value = _linear_output_site(view, tensor, linear_by_output, None, "value projection")
+    if value is None:
+        return None
+    return ValuePath(value, tuple(reversed(before)), matmul, tuple(reversed(after)))
+
+
+def _linear_output_site(view: GraphView, tensor: str, linear_by_output: dict[str, LinearOp], channels: int | None,
                         description: str = "preceding linear layer") -> LinearOutputFold | None:
-    """``tensor`` = P W [+ b] from a MatMul/Gemm whose output nothing else reads."""
+    """``tensor`` = P W [+ b] from a MatMul/Gemm whose output nothing else reads (``channels``
+    None: any width)."""
     node = view.producer.get(tensor)
     bias = None
     if node is not None and node.op_type == "Add":
         for b in (0, 1):
             inner = node.input[1 - b]
-            if inner in linear_by_output and _const_channel(view, node.input[b], channels, -1, None) \
+            width = channels if channels is not None or inner not in linear_by_output else \
+                _out_width(view, linear_by_output[inner])
+            if inner in linear_by_output and _const_channel(view, node.input[b], width, -1, None) \
                     and view.exclusive(inner, [node]):
                 bias, tensor = (node, b), inner
                 break
@@ -303,8 +412,9 @@ def _linear_output_site(view: GraphView, tensor: str, linear_by_output: dict[str
     op = linear_by_output.get(tensor)
     if op is None or op.activation_channel_axis != -1:
         return None
-    weight_dims = view.store.proto(view.constant_source(op.node.input[1])).dims
-    if weight_dims[op.weight_out_axis] != channels:
+    if channels is None:
+        channels = _out_width(view, op)
+    if _out_width(view, op) != channels:
         return None
     if op.node.op_type == "Gemm" and len(op.node.input) > 2 and op.node.input[2]:
         if bias is not None or not _const_channel(view, op.node.input[2], channels, -1, None):

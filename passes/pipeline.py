@@ -34,13 +34,15 @@ from passes.linear import LinearKind, LinearOp, find_linear_ops
 from passes.onnx_io import LoadedModel, TensorStore, load_model, save_model
 from passes.ort_lowering import MS_DOMAIN, MS_VERSION, lower_for_onnxruntime
 from passes.naming import NameFactory
-from passes.patterns import FoldKind, LinearOutputFold
+from passes.patterns import AttentionValueFold, FoldKind, LinearOutputFold
 from passes.per_token import quantize_per_token
 from passes.qdq import FORMATS, ActivationRange, QuantReport, quantize_linear_ops
 from passes.sensitivity import LayerError, choose_fp_layers, measure_layer_errors
-from passes.smooth import PlannedGroup, SmoothingGroup, find_groups, plan_smoothing, smoothed_range, stat_targets
+from passes.smooth import (PlannedGroup, SmoothingGroup, find_groups, plan_smoothing, smoothed_range, stat_targets,
+                           without_site)
 from passes.split import SplitOp, masked_hessians, plan_split, split_outliers
 from passes.untie import retie, untie_transposed_weights
+from passes.value_fold import trace_value_channels
 from plugins import schema as plugin_schema
 
 CalibSource = str | os.PathLike | Iterable[Feed]
@@ -118,7 +120,8 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
     messages += [f"{view.node_label(node)} is left as it is: {reason}" for node, reason in passed_over]
     # ONNX Runtime fuses GELU & co. only with their scalar constants: keep those for its target.
     ort = config.quantization is not None and config.quantization.target is Target.ONNXRUNTIME
-    groups = find_groups(view, linear_ops, config.unfoldable, fold_scalars=not ort)
+    groups = find_groups(view, linear_ops, config.unfoldable, fold_scalars=not ort,
+                         attention_values=config.smoothing.attention_values)
     needs_stats = any(g.site is not None for g in groups) or not smooth_only
 
     if not linear_ops:
@@ -128,6 +131,7 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
         channel_stats = _get_stats(loaded, view, linear_ops, calib, stats, config)
         if stats_out is not None:
             channel_stats.save(stats_out)
+    groups = _trace_value_paths(loaded, view, groups, calib, config)
     planned, skipped, alpha_choices = _plan(loaded, view, groups, channel_stats, calib, config)
     to_split, skipped = _plan_splits(view, skipped, channel_stats, config.smoothing.split_ratio)
     exclude = {g.activation: idx for g, idx in to_split}
@@ -181,12 +185,35 @@ RESCALED_OUTPUTS_KEY = "smoothquant.rescaled_outputs"
 def _record_rescaled_outputs(model: onnx.ModelProto, planned: list[PlannedGroup]) -> None:
     """Note in the model's metadata the linear-op outputs that smoothing divided by s (a producing
     layer absorbed 1/s): they differ from the FP model's by design, so layer-wise comparisons skip them."""
-    rescaled = sorted({p.group.site.producer.node.output[0] for p in planned if isinstance(p.group.site, LinearOutputFold)})
+    rescaled = sorted({p.group.site.producer.node.output[0] for p in planned
+                       if isinstance(p.group.site, (LinearOutputFold, AttentionValueFold))})
     for prop in list(model.metadata_props):
         if prop.key == RESCALED_OUTPUTS_KEY:
             model.metadata_props.remove(prop)
     if rescaled:
         model.metadata_props.add(key=RESCALED_OUTPUTS_KEY, value=json.dumps(rescaled))
+
+
+def _trace_value_paths(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup], calib: CalibSource | None,
+                       config: SmoothQuantConfig) -> list[SmoothingGroup]:
+    """Groups folded into an attention value projection get their channel map (one model run on
+    one calibration sample, :mod:`passes.value_fold`); a path that cannot be traced is unfoldable."""
+    at = [i for i, g in enumerate(groups) if isinstance(g.site, AttentionValueFold)]
+    if not at or not config.smoothing.enabled:
+        return groups
+    if calib is None and default_calibration_path(loaded.path) is None:
+        traced = ["tracing the attention layout needs calibration data (--calib)"] * len(at)
+    elif calib is not None and not isinstance(calib, (str, os.PathLike)) and iter(calib) is calib:
+        traced = ["tracing the attention layout reads a calibration sample again: pass a list of feeds, "
+                  "an .npz or a folder, not an iterator"] * len(at)
+    else:
+        traced = trace_value_channels(loaded, view, [groups[i].site for i in at],
+                                      _calibration_data(loaded, calib, config))
+    out = list(groups)
+    for i, found in zip(at, traced):
+        out[i] = without_site(groups[i], found, config.unfoldable) if isinstance(found, str) \
+            else replace(groups[i], site=found)
+    return out
 
 
 def _plan(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup], stats: ChannelStats,

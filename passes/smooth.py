@@ -12,7 +12,7 @@ rewrites the graph.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -22,7 +22,7 @@ from passes.config import SmoothingConfig, Unfoldable
 from passes.errors import SmoothQuantError
 from passes.graph import GraphView
 from passes.linear import LinearOp
-from passes.patterns import FoldSite, InsertedMul, find_fold_site
+from passes.patterns import AttentionValueFold, FoldSite, InsertedMul, find_fold_site
 from passes.scales import smoothing_scales
 
 
@@ -65,9 +65,9 @@ SHAPE_ONLY_OPS = ("Shape", "Size")  # X' = X / s has X's shape
 
 
 def find_groups(view: GraphView, linear_ops: list[LinearOp], unfoldable: Unfoldable,
-                fold_scalars: bool = True) -> list[SmoothingGroup]:
+                fold_scalars: bool = True, attention_values: bool = False) -> list[SmoothingGroup]:
     """Group ``linear_ops`` by the activation they read and find each group's fold site
-    (``fold_scalars``: see :func:`passes.patterns.find_fold_site`). Groups without one are
+    (``fold_scalars``, ``attention_values``: see :func:`passes.patterns.find_fold_site`). Groups without one are
     handled by ``unfoldable`` (AUTO: an explicit Mul where a kept scalar is the only obstacle,
     skipped elsewhere)."""
     by_activation: dict[str, list[LinearOp]] = defaultdict(list)
@@ -85,23 +85,25 @@ def find_groups(view: GraphView, linear_ops: list[LinearOp], unfoldable: Unfolda
             continue
         axis, channels, rank = axes.pop(), widths.pop(), ranks.pop()
         site = find_fold_site(view, activation, linear_by_output, channels, axis, rank if axis == 1 else None,
-                              fold_scalars)
+                              fold_scalars, attention_values)
         group_ids = {id(op.node) for op in ops}
         # Readers outside the group need X back, except those that read only its shape.
         others = tuple(c for c in view.consumers.get(activation, [])
                        if id(c) not in group_ids and c.op_type not in SHAPE_ONLY_OPS)
         if isinstance(site, InsertedMul) and unfoldable in (Unfoldable.SKIP, Unfoldable.SPLIT):
             site = site.reason  # a scalar kept for the runtime's fusions: as unfoldable as any
-        if isinstance(site, str):
-            if unfoldable is Unfoldable.MUL:
-                site = InsertedMul(site, activation, axis, rank if axis == 1 else None)
-            else:
-                groups.append(SmoothingGroup(activation, tuple(ops), channels, axis, None, site,
-                                             split=unfoldable is Unfoldable.SPLIT))
-                continue
-        groups.append(SmoothingGroup(activation, tuple(ops), channels, axis, site,
-                                     compensate=() if isinstance(site, InsertedMul) else others))
+        group = SmoothingGroup(activation, tuple(ops), channels, axis, None, compensate=others)
+        groups.append(without_site(group, site, unfoldable, rank) if isinstance(site, str)
+                      else replace(group, site=site, compensate=() if isinstance(site, InsertedMul) else others))
     return groups
+
+
+def without_site(group: SmoothingGroup, reason: str, unfoldable: Unfoldable, rank: int | None = None) -> SmoothingGroup:
+    """``group`` when no constant can absorb 1/s (``reason``): an explicit Mul, a split, or skipped."""
+    if unfoldable is Unfoldable.MUL:
+        return replace(group, site=InsertedMul(reason, group.activation, group.channel_axis,
+                                               rank if group.channel_axis == 1 else None), compensate=())
+    return replace(group, site=None, skip_reason=reason, compensate=(), split=unfoldable is Unfoldable.SPLIT)
 
 
 def weight_channel_amax(view: GraphView, op: LinearOp) -> np.ndarray:
@@ -114,6 +116,8 @@ def weight_channel_amax(view: GraphView, op: LinearOp) -> np.ndarray:
 def group_scales(view: GraphView, group: SmoothingGroup, act_amax: np.ndarray, alpha: float) -> np.ndarray:
     """``s`` for one group: every consumer's weight counts (max over them per input channel)."""
     w_amax = np.max([weight_channel_amax(view, op) for op in group.consumers], axis=0)
+    if isinstance(group.site, AttentionValueFold):  # one scale per value column: tie the channels reading it
+        act_amax, w_amax = group.site.tie(np.asarray(act_amax, dtype=np.float64)), group.site.tie(w_amax)
     return smoothing_scales(act_amax, w_amax, alpha)
 
 

@@ -55,6 +55,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-ratio", type=float, default=SmoothingConfig.split_ratio, metavar="R",
                    help="with split: a channel is an outlier if its calibrated max|X| exceeds R times the 99th "
                         "percentile over the channels")
+    p.add_argument("--fold-attention-values", action="store_true",
+                   help="also smooth attention output projections, folding 1/s into the value projection "
+                        "through P @ V (exact; the channel map is traced on one calibration sample)")
     p.add_argument("--precision", choices=[x.value for x in Precision], default=Precision.INT8.value,
                    help="W8A8 format: int8 (symmetric) or fp8 (E4M3FN; raises the opset to 19)")
     p.add_argument("--granularity", choices=[g.value for g in Granularity], default=Granularity.PER_TENSOR.value,
@@ -111,7 +114,8 @@ def _smoothing_config(args: argparse.Namespace) -> SmoothingConfig:
         raise SmoothQuantError(f"--alpha {args.alpha!r} / --alpha-grid {args.alpha_grid!r}: expected numbers in "
                                f"[0, 1] (or --alpha auto)") from None
     return SmoothingConfig(alpha=alpha, unfoldable=Unfoldable(args.unfoldable), alpha_grid=grid,
-                           enabled=not args.no_smoothing, split_ratio=args.split_ratio)
+                           enabled=not args.no_smoothing, split_ratio=args.split_ratio,
+                           attention_values=args.fold_attention_values)
 
 
 def _ratios(text: str) -> tuple[float, ...]:

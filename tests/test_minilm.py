@@ -47,11 +47,14 @@ def test_text_sets_are_disjoint_real_text(minilm):
     assert held_out["attention_mask"].sum(1).min() > 10  # paragraphs, not fragments
 
 
-def test_smoothing_is_exact_on_minilm(minilm, tmp_path):
-    out = run_smoothquant(minilm, tmp_path / "s.onnx",
-                          config=SmoothQuantConfig(SmoothingConfig(0.9), QUIET, None)).written[0]
-    ev = evaluate(minilm, out, minilm.with_name("minilm.eval.npz"), task=Task.ENCODER)
-    assert ev.metrics["max_rel_err[token_embeddings]"] < 1e-5, ev.metrics  # measured 7e-7
+@pytest.mark.parametrize("attention_values", [False, True])
+def test_smoothing_is_exact_on_minilm(minilm, tmp_path, attention_values):
+    result = run_smoothquant(minilm, tmp_path / "s.onnx",
+                             config=SmoothQuantConfig(SmoothingConfig(0.9, attention_values=attention_values), QUIET, None))
+    through_v = [g for g in result.report.groups if g.kind is FoldKind.LINEAR and "through P @ V" in g.detail]
+    assert len(through_v) == (6 if attention_values else 0), result.report.summary()
+    ev = evaluate(minilm, result.written[0], minilm.with_name("minilm.eval.npz"), task=Task.ENCODER)
+    assert ev.metrics["max_rel_err[token_embeddings]"] < 1e-5, ev.metrics  # measured 7e-7 (3e-6 with the value fold)
 
 
 GPTQ = WeightRounding.GPTQ

@@ -69,6 +69,17 @@ def test_smoothing_is_exact_and_int8_stays_close(smollm2, tmp_path):
     assert m_naive["perplexity_increase_pct"] > 5 * max(m_int8["perplexity_increase_pct"], 1.0), m_naive
 
 
+def test_value_fold_is_exact_under_grouped_query_attention(smollm2, tmp_path):
+    """Each of the 30 output projections reads 9 query heads built from 3 value heads (repeat_kv:
+    Unsqueeze/Expand/Reshape); folding their 1/s into the value projection stays exact."""
+    result = run_smoothquant(smollm2, tmp_path / "s.onnx", config=SmoothQuantConfig(
+        SmoothingConfig(0.8, attention_values=True), QUIET, None))
+    through_v = [g for g in result.report.groups if g.kind is FoldKind.LINEAR and "through P @ V" in g.detail]
+    assert len(through_v) == 30, result.report.summary()
+    m = ppl(smollm2, result.written[0])
+    assert m["max_rel_err[logits]"] < 1e-5, m  # measured 1.8e-6
+
+
 def test_fp8_per_token_with_gptq_rounding_meets_the_fp8_target(smollm2, tmp_path):
     """FP8 target <= 2% perplexity increase: measured +0.96% on these 8 x 256 tokens, +1.07% on the full
     16 x 256 held-out set."""
