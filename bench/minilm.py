@@ -50,6 +50,8 @@ def settings() -> list[tuple[str, SmoothQuantConfig]]:
         # Before the outlier split was the onnxruntime default: GELU groups smoothed through an explicit Mul.
         ("int8 α auto, --target onnxruntime, gptq, --unfoldable mul",
          cfg(SmoothingConfig(alpha_grid=GRID, unfoldable=Unfoldable.MUL), target=Target.ONNXRUNTIME, rounding=gptq)),
+        ("int8 α auto, --target onnxruntime, gptq, --fold-attention-values",
+         cfg(SmoothingConfig(alpha_grid=GRID, attention_values=True), target=Target.ONNXRUNTIME, rounding=gptq)),
         ("fp8 no smoothing, gptq", cfg(SmoothingConfig(enabled=False), Precision.FP8, rounding=gptq)),
         ("fp8 α auto, gptq", cfg(SmoothingConfig(alpha_grid=GRID), Precision.FP8, rounding=gptq)),
     ]

@@ -155,8 +155,8 @@ class LinearOutputFold:
             ctx.scale_constant(bias_node, index, inv_s, [bias_node], None, -1, None)
 
 
-LAYOUT_OPS = ("Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Identity")
-SHAPE_READERS = ("Shape", "Size")  # read only a tensor's shape, which scaling leaves alone
+LAYOUT_OPS = ("Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Identity")  # Expand: before P @ V only
+SHAPE_READERS = ("Shape", "Size")  # read only a tensor's shape: X' = X / s has X's shape
 
 
 @dataclass(frozen=True)
@@ -179,8 +179,8 @@ class ValuePath:
 class AttentionValueFold:
     """X = L2(P @ L1(V)): X's channel c carries V's column ``channel_map[c]``, so dividing that
     column of W_v (and b_v) by s_c divides X_c by s_c. Needs s equal on channels that share a
-    column (grouped-query attention): :meth:`tie` makes per-channel maxima so before the scales
-    are computed. ``channel_map`` is None until :func:`passes.value_fold.trace_value_channels`
+    column (grouped-query attention): :meth:`tie` equalizes their maxima before the scales are
+    computed. ``channel_map`` is None until :func:`passes.value_fold.trace_value_channels`
     fills it in."""
 
     kind = FoldKind.LINEAR

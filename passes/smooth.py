@@ -22,7 +22,7 @@ from passes.config import SmoothingConfig, Unfoldable
 from passes.errors import SmoothQuantError
 from passes.graph import GraphView
 from passes.linear import LinearOp
-from passes.patterns import AttentionValueFold, FoldSite, InsertedMul, find_fold_site
+from passes.patterns import SHAPE_READERS, AttentionValueFold, FoldSite, InsertedMul, find_fold_site
 from passes.scales import smoothing_scales
 
 
@@ -61,9 +61,6 @@ def stat_targets(view: GraphView, linear_ops: list[LinearOp]) -> list[StatTarget
     return list(targets.values())
 
 
-SHAPE_ONLY_OPS = ("Shape", "Size")  # X' = X / s has X's shape
-
-
 def find_groups(view: GraphView, linear_ops: list[LinearOp], unfoldable: Unfoldable,
                 fold_scalars: bool = True, attention_values: bool = False) -> list[SmoothingGroup]:
     """Group ``linear_ops`` by the activation they read and find each group's fold site
@@ -89,7 +86,7 @@ def find_groups(view: GraphView, linear_ops: list[LinearOp], unfoldable: Unfolda
         group_ids = {id(op.node) for op in ops}
         # Readers outside the group need X back, except those that read only its shape.
         others = tuple(c for c in view.consumers.get(activation, [])
-                       if id(c) not in group_ids and c.op_type not in SHAPE_ONLY_OPS)
+                       if id(c) not in group_ids and c.op_type not in SHAPE_READERS)
         if isinstance(site, InsertedMul) and unfoldable in (Unfoldable.SKIP, Unfoldable.SPLIT):
             site = site.reason  # a scalar kept for the runtime's fusions: as unfoldable as any
         group = SmoothingGroup(activation, tuple(ops), channels, axis, None, compensate=others)
