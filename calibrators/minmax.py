@@ -124,7 +124,8 @@ def build_calibration_graph(model: onnx.ModelProto, targets: Sequence[StatTarget
 
 def inference_session(proto: onnx.ModelProto, base_dir: Path, providers: Sequence[str] = ("CPUExecutionProvider",),
                       initializers: Sequence[onnx.TensorProto] = (), *,
-                      early_consumers: bool = False, prepack: bool = True) -> ort.InferenceSession:
+                      early_consumers: bool = False, prepack: bool = True,
+                      disabled_optimizers: Sequence[str] = ()) -> ort.InferenceSession:
     """An ORT session over ``proto`` whose external data stays where it is on disk.
 
     The graph goes to ORT as bytes without its large inline tensors: those (and ``initializers``,
@@ -133,7 +134,8 @@ def inference_session(proto: onnx.ModelProto, base_dir: Path, providers: Sequenc
     ``early_consumers``: ORT's priority-based execution order, which runs a tensor's side
     branches soon after it instead of keeping it alive to the end (for graphs that hang a
     small branch off every layer, like the sensitivity measurement). ``prepack=False``: ORT keeps
-    no second, pre-packed copy of the weights (less memory, slower GEMMs).
+    no second, pre-packed copy of the weights (less memory, slower GEMMs). ``disabled_optimizers``:
+    ORT graph transformers not to apply, by name (ORT ignores names it does not know).
     """
     proto, big = split_large_inline(proto)
     big = [*big, *initializers]
@@ -154,7 +156,8 @@ def inference_session(proto: onnx.ModelProto, base_dir: Path, providers: Sequenc
         options.add_external_initializers([t.name for t in big], values)
     if proto.ByteSize() >= PROTOBUF_LIMIT:
         raise SmoothQuantError("the calibration graph exceeds 2 GiB: store the model's weights as external data")
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=list(providers))
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=list(providers),
+                                   disabled_optimizers=list(disabled_optimizers) or None)
     session._sq_external_initializers = (arrays, values)  # ORT reads them in place: keep them alive
     return session
 

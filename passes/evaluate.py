@@ -12,7 +12,10 @@ Both models run in ONNX Runtime on the same inputs. Metrics by :class:`Task`:
 - always: per-output max |CAND - REF| / max |REF|.
 
 ``--latency`` times both models on one batch, alternating REF and CAND for each round so
-machine noise hits both alike, and reports median times and their ratio.
+machine noise hits both alike, and reports median times and their ratio. ``--disable-optimizer
+NAME`` builds both sessions without that ORT graph transformer: ``SkipLayerNormFusion`` makes
+BERT-like models faster on ORT 1.32's CPU provider (its fused kernel is slower than the Add and
+LayerNormalization it replaces; ``python -m bench.skip_layer_norm``).
 
 ``--sqnr N`` lists the N linear ops (MatMul/Gemm/Conv outputs present in both graphs under the
 same name, as the passes keep them, except outputs smoothing rescaled on purpose, which the
@@ -99,11 +102,14 @@ def _pick_task(task: Task, output: np.ndarray, feed: dict[str, np.ndarray]) -> T
 
 
 def evaluate(reference: str | os.PathLike, candidate: str | os.PathLike, data: str | os.PathLike, *,
-             task: Task = Task.AUTO, batch_size: int = 16, latency_rounds: int = 0) -> Evaluation:
-    """Compare ``candidate`` with ``reference`` on ``data`` (an .npz or folder of them)."""
+             task: Task = Task.AUTO, batch_size: int = 16, latency_rounds: int = 0,
+             disabled_optimizers: Sequence[str] = ()) -> Evaluation:
+    """Compare ``candidate`` with ``reference`` on ``data`` (an .npz or folder of them).
+    ``disabled_optimizers``: ORT graph transformers both sessions run without (e.g.
+    ``SkipLayerNormFusion``, whose kernel is slower than what it replaces in ORT 1.32 on CPU)."""
     ref_model, cand_model = load_model(reference), load_model(candidate)
-    ref = inference_session(ref_model.proto, ref_model.base_dir)
-    cand = inference_session(cand_model.proto, cand_model.base_dir)
+    ref = inference_session(ref_model.proto, ref_model.base_dir, disabled_optimizers=disabled_optimizers)
+    cand = inference_session(cand_model.proto, cand_model.base_dir, disabled_optimizers=disabled_optimizers)
     ref_inputs = {i.name for i in ref.get_inputs()}
     if ref_inputs != {i.name for i in cand.get_inputs()}:
         raise SmoothQuantError(f"{candidate}: inputs {sorted(i.name for i in cand.get_inputs())} differ from "
@@ -207,6 +213,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--latency", type=int, default=0, metavar="ROUNDS",
                    help="also time both models on the first batch, alternating, ROUNDS rounds")
+    p.add_argument("--disable-optimizer", action="append", default=[], metavar="NAME",
+                   help="run both sessions without this ONNX Runtime graph transformer, e.g. SkipLayerNormFusion "
+                        "(repeatable; ORT ignores names it does not know)")
     p.add_argument("--sqnr", type=int, default=0, metavar="N",
                    help="also list the N linear-op outputs with the lowest SQNR on the first sample")
     return p
@@ -216,7 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     try:
         result = evaluate(args.reference, args.candidate, args.data, task=Task(args.task),
-                          batch_size=args.batch_size, latency_rounds=args.latency)
+                          batch_size=args.batch_size, latency_rounds=args.latency,
+                          disabled_optimizers=tuple(args.disable_optimizer))
     except SmoothQuantError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -57,6 +57,12 @@ def test_smoothing_is_exact_on_minilm(minilm, tmp_path, attention_values):
     assert ev.metrics["max_rel_err[token_embeddings]"] < 1e-5, ev.metrics  # measured 7e-7 (3e-6 with the value fold)
 
 
+def test_evaluate_times_both_models_without_a_named_ort_fusion(minilm):
+    ev = evaluate(minilm, minilm, minilm.with_name("minilm.eval.npz"), task=Task.ENCODER, batch_size=8,
+                  latency_rounds=2, disabled_optimizers=("SkipLayerNormFusion",))
+    assert ev.metrics["cosine_min"] > 0.99999 and ev.metrics["latency_cand_ms"] > 0, ev.metrics
+
+
 GPTQ = WeightRounding.GPTQ
 SETTINGS = {  # label -> (smoothing, precision, target, floor of mean cosine on 64 held-out paragraphs, rounding)
     "int8 none": (SmoothingConfig(enabled=False), Precision.INT8, Target.TENSORRT, 0.97, WeightRounding.NEAREST),
