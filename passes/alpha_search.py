@@ -20,7 +20,7 @@ op that cannot be split) gets the unsmoothed error for it, so ties go to no smoo
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -81,12 +81,9 @@ def search_alpha(model: LoadedModel, proto: onnx.ModelProto, view: GraphView, gr
         best = min(candidates, key=lambda c: (errors[g.activation][c], c is not None))
         choice = AlphaChoice(g.activation, best, errors[g.activation])
         choices.append(choice)
-        if best is None:
-            skipped.append(SmoothingGroup(g.activation, g.consumers, g.channels, g.channel_axis, None,
-                                          "α search: quantized error is lowest without smoothing"))
-        elif best == SPLIT:
-            skipped.append(SmoothingGroup(g.activation, g.consumers, g.channels, g.channel_axis, None,
-                                          f"α search: {choice.describe()}", split=True))
+        if best is None or best == SPLIT:
+            why = "quantized error is lowest without smoothing" if best is None else choice.describe()
+            skipped.append(replace(g, site=None, compensate=(), skip_reason=f"α search: {why}", split=best == SPLIT))
         else:
             planned.append(PlannedGroup(g, scales[(g.activation, best)], f"searched: {choice.describe()}"))
     return planned, skipped, choices

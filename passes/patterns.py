@@ -401,10 +401,8 @@ def _linear_output_site(view: GraphView, tensor: str, linear_by_output: dict[str
     if node is not None and node.op_type == "Add":
         for b in (0, 1):
             inner = node.input[1 - b]
-            width = channels if channels is not None or inner not in linear_by_output else \
-                _out_width(view, linear_by_output[inner])
-            if inner in linear_by_output and _const_channel(view, node.input[b], width, -1, None) \
-                    and view.exclusive(inner, [node]):
+            if inner in linear_by_output and view.exclusive(inner, [node]) and _const_channel(
+                    view, node.input[b], channels or _out_width(view, linear_by_output[inner]), -1, None):
                 bias, tensor = (node, b), inner
                 break
         else:
@@ -412,10 +410,9 @@ def _linear_output_site(view: GraphView, tensor: str, linear_by_output: dict[str
     op = linear_by_output.get(tensor)
     if op is None or op.activation_channel_axis != -1:
         return None
-    if channels is None:
-        channels = _out_width(view, op)
-    if _out_width(view, op) != channels:
+    if channels is not None and _out_width(view, op) != channels:
         return None
+    channels = _out_width(view, op)
     if op.node.op_type == "Gemm" and len(op.node.input) > 2 and op.node.input[2]:
         if bias is not None or not _const_channel(view, op.node.input[2], channels, -1, None):
             return None

@@ -97,11 +97,11 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
                                                     or config.quantization.clip_grid
                                                     or config.quantization.weight_rounding is WeightRounding.GPTQ)) \
         or (config.smoothing.enabled and config.smoothing.alpha_grid)
-    if rereads and calib is not None and not isinstance(calib, (str, os.PathLike)) and iter(calib) is calib:
+    if rereads and _one_pass_only(calib):
         raise SmoothQuantError("--max-fp-layers, --alpha auto, --clip search and --weight-rounding gptq read the "
                                "calibration data more than once: pass a list of feeds, an .npz or a folder, not an "
                                "iterator")
-    if rereads and calib is None and default_calibration_path(loaded.path) is None:
+    if rereads and not _has_calibration(loaded, calib):
         raise SmoothQuantError(f"{loaded.path}: --max-fp-layers, --alpha auto, --clip search and --weight-rounding "
                                f"gptq run the model on calibration data, which statistics alone (--stats) do not "
                                f"replace: pass --calib DATA or --calib-text FILE")
@@ -201,9 +201,9 @@ def _trace_value_paths(loaded: LoadedModel, view: GraphView, groups: list[Smooth
     at = [i for i, g in enumerate(groups) if isinstance(g.site, AttentionValueFold)]
     if not at or not config.smoothing.enabled:
         return groups
-    if calib is None and default_calibration_path(loaded.path) is None:
+    if not _has_calibration(loaded, calib):
         traced = ["tracing the attention layout needs calibration data (--calib)"] * len(at)
-    elif calib is not None and not isinstance(calib, (str, os.PathLike)) and iter(calib) is calib:
+    elif _one_pass_only(calib):
         traced = ["tracing the attention layout reads a calibration sample again: pass a list of feeds, "
                   "an .npz or a folder, not an iterator"] * len(at)
     else:
@@ -370,6 +370,16 @@ def _get_stats(loaded: LoadedModel, view: GraphView, linear_ops, calib: CalibSou
         return stats if isinstance(stats, ChannelStats) else ChannelStats.merge_files(list(stats))
     data = _calibration_data(loaded, calib, config)
     return collect_channel_stats(loaded, stat_targets(view, linear_ops), data, progress=config.calibration.progress)
+
+
+def _has_calibration(loaded: LoadedModel, calib: CalibSource | None) -> bool:
+    """Calibration data was passed or lies beside the model."""
+    return calib is not None or default_calibration_path(loaded.path) is not None
+
+
+def _one_pass_only(calib: CalibSource | None) -> bool:
+    """``calib`` is an iterator: it can be read once."""
+    return calib is not None and not isinstance(calib, (str, os.PathLike)) and iter(calib) is calib
 
 
 def _calibration_data(loaded: LoadedModel, calib: CalibSource | None, config: SmoothQuantConfig) -> CalibrationData:

@@ -50,7 +50,7 @@ def trace_value_channels(loaded: LoadedModel, view: GraphView, sites: list[Atten
         return [f"tracing the attention layout failed ({type(e).__name__}: {first})"] * len(sites)
     out: list[AttentionValueFold | str] = []
     for site in sites:
-        found = _channel_map(view, site, recorded, loaded.proto)
+        found = _channel_map(view, site, recorded, opset_version(loaded.proto))
         out.append(found if isinstance(found, str) else replace(site, channel_map=found))
     return out
 
@@ -99,9 +99,8 @@ def _one_sample(proto: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str
 
 
 def _channel_map(view: GraphView, site: AttentionValueFold, recorded: dict[str, np.ndarray],
-                 model: onnx.ModelProto) -> np.ndarray | str:
+                 opset: int) -> np.ndarray | str:
     path = site.path
-    opset = opset_version(model)
     v_shape = tuple(int(d) for d in recorded[path.value_tensor])
     p_shape = tuple(int(d) for d in recorded[path.matmul.input[0]])
     columns = v_shape[-1] if v_shape else 0
@@ -118,16 +117,14 @@ def _channel_map(view: GraphView, site: AttentionValueFold, recorded: dict[str, 
     if not np.array_equal(b, np.broadcast_to(b[..., :1, :], b.shape)):
         return f"{view.node_label(path.matmul)} would mix value channels (they vary along its contracted axis)"
     lead = np.broadcast_shapes(p_shape[:-2], b.shape[:-2])
-    product = np.broadcast_to(b[..., :1, :], (*b.shape[:-2], p_shape[-2], b.shape[-1]))
-    product = np.broadcast_to(product, (*lead, p_shape[-2], b.shape[-1]))
+    product = np.broadcast_to(b[..., :1, :], (*lead, p_shape[-2], b.shape[-1]))  # P @ B: one index per column
     try:
         x = _run_layout(view, path.after, product, recorded, opset)
     except ValueError as e:
         return f"the layout ops after the attention MatMul: {e}"
-    first = x.reshape(-1, x.shape[-1])[0] if x.ndim else x.reshape(1)
-    if x.ndim < 1 or not np.array_equal(x, np.broadcast_to(first, x.shape)):
+    if x.ndim < 1 or not np.array_equal(x, np.broadcast_to(x.reshape(-1, x.shape[-1])[0], x.shape)):
         return "the attention output's channels do not each come from one value column"
-    return first.astype(np.int64)
+    return x.reshape(-1, x.shape[-1])[0].astype(np.int64)
 
 
 def _run_layout(view: GraphView, nodes: tuple[onnx.NodeProto, ...], x: np.ndarray, recorded: dict[str, np.ndarray],
