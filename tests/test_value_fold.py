@@ -138,3 +138,17 @@ def test_quantized_attention_output_projection_is_closer_with_the_fold(tmp_path)
 def test_tie_takes_the_maximum_over_channels_sharing_a_column():
     site = AttentionValueFold("v", ValuePath(None, (), None, ()), np.array([0, 1, 0, 1, 2]))
     np.testing.assert_array_equal(site.tie(np.array([1.0, 5.0, 3.0, 2.0, 7.0])), [3.0, 5.0, 3.0, 5.0, 7.0])
+
+
+def test_cli_flag_folds_the_output_projection(tmp_path, capsys):
+    from passes.smoothquant import main
+
+    path, feeds = attention(tmp_path, 4, 2)
+    out = tmp_path / "cli.onnx"
+    assert main([str(path), "-o", str(out), "--alpha", "0.8", "--smooth-only", "--fold-attention-values",
+                 "--batch-size", "2"]) == 0
+    assert "via value projection 'v0' (through P @ V)" in capsys.readouterr().out
+    assert rel_err(run(path, feeds), run(out, feeds)) < 1e-5
+    assert main([str(path), "-o", str(tmp_path / "plain.onnx"), "--alpha", "0.8", "--smooth-only",
+                 "--batch-size", "2"]) == 0
+    assert "through P @ V" not in capsys.readouterr().out  # off by default
