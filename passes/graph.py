@@ -62,10 +62,12 @@ class GraphView:
         dead = [n for n in self.graph.node if n.op_type == "Constant" and n.output[0] not in used]
         for node in dead:
             self.graph.node.remove(node)
-        keep = [t for t in self.graph.initializer if t.name in used]
-        if dead or len(keep) != len(self.graph.initializer):
-            del self.graph.initializer[:]
-            self.graph.initializer.extend(keep)
+        unused = [i for i, t in enumerate(self.graph.initializer) if t.name not in used]
+        # Deleted in place, from the back: clearing the list and re-adding the kept tensors would
+        # copy every inline tensor (and the upb backend keeps the old copies alive).
+        for i in reversed(unused):
+            del self.graph.initializer[i]
+        if dead or unused:
             self.rebuild()
 
     # Constants -----------------------------------------------------------------------
@@ -115,14 +117,13 @@ class GraphView:
         """Replace (or add) initializer ``name`` with ``value``, stored inline."""
         value = np.asarray(value)
         new = numpy_helper.from_array(value if value.flags.c_contiguous else value.copy(order="C"), name)
-        for i, t in enumerate(self.graph.initializer):
-            if t.name == name:
-                self.graph.initializer[i].CopyFrom(new)
-                break
+        if name in self.initializers:
+            next(t for t in self.graph.initializer if t.name == name).CopyFrom(new)
+            self.store.refresh(self.graph)
         else:
             self.graph.initializer.append(new)
             self.initializers.add(name)
-        self.store.refresh(self.graph)
+            self.store.track(self.graph.initializer[-1])
 
 
 def declared_dtype(view: GraphView, tensor: str) -> np.dtype | None:

@@ -214,6 +214,10 @@ class TensorStore:
     def refresh(self, graph: onnx.GraphProto) -> None:
         self._by_name = {t.name: t for t in graph.initializer}
 
+    def track(self, tensor: onnx.TensorProto) -> None:
+        """Index one tensor just added to the graph (cheaper than :meth:`refresh`)."""
+        self._by_name[tensor.name] = tensor
+
     def __contains__(self, name: str) -> bool:
         return name in self._by_name
 
