@@ -9,6 +9,7 @@ the number of files.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -100,6 +101,7 @@ class CalibrationData:
         self._files: list[Path] | None = None
         self._iterable: Iterable[Feed] | None = None
         self._peeked: Feed | None = None
+        self._limit: int | None = None  # samples per pass (head)
         if isinstance(source, (str, Path)):
             path = Path(source)
             if path.is_dir():
@@ -151,9 +153,27 @@ class CalibrationData:
         if total == 0:
             raise SmoothQuantError(f"{self.description}: calibration set is empty (0 samples)")
 
+    def head(self, samples: int) -> CalibrationData:
+        """The same data, each pass stopping after its first ``samples`` samples (a re-readable source)."""
+        if samples < 1:
+            raise SmoothQuantError(f"a calibration subset needs at least 1 sample, got {samples}")
+        out = copy.copy(self)
+        if self._iterable is not None and self._source is not None:
+            out._iterable = iter(self._source)  # its own pass: the original's is left unread
+        out._limit = samples if self._limit is None else min(samples, self._limit)
+        return out
+
     def num_batches(self) -> int | None:
+        """Batches per pass (the progress bars' total); None for an iterator of unknown length."""
+        full = self._num_batches()
+        if self._limit is None or full is None:
+            return full
+        rows = self.batch_size if self._files is not None else max(1, len(next(iter(self._peeked.values()), ())))
+        return min(full, -(-self._limit // rows))
+
+    def _num_batches(self) -> int | None:
         if self._files is None:
-            return None
+            return len(self._source) if hasattr(self._source, "__len__") else None
         total = 0
         for path in self._files:
             shape = next(iter(_npz_headers(path).values()))[1]
@@ -161,6 +181,18 @@ class CalibrationData:
         return total
 
     def batches(self) -> Iterator[dict[str, np.ndarray]]:
+        if self._limit is None:
+            yield from self._all_batches()
+            return
+        left = self._limit
+        for feed in self._all_batches():
+            rows = len(next(iter(feed.values()))) if feed else 0
+            yield feed if rows <= left else {k: v[:left] for k, v in feed.items()}
+            left -= rows
+            if left <= 0:
+                return
+
+    def _all_batches(self) -> Iterator[dict[str, np.ndarray]]:
         if self._iterable is not None:
             feeds, self._iterable = self._iterable, (iter(self._source) if self._source is not None else iter(()))
             for feed in feeds:

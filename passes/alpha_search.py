@@ -1,24 +1,27 @@
-"""Per-group migration strength: pick α for each smoothing group on the calibration data.
+"""Per-group migration strength: pick α (or no smoothing, or the outlier split) for each group.
 
 One global α is a compromise: a group whose activations carry a 100x outlier wants α near
-1, a group with tame activations and spiky weights wants it low, and some groups are best
-left unsmoothed. For every candidate ``c`` in ``{none} ∪ grid`` and every foldable group G
-with scales ``s_G(c)`` (``s = 1`` for none), the quantized error of each of G's ops is
-measured with FP inputs (:func:`passes.sensitivity.measure_layer_errors`, trial scales, no
-folding)::
+1, a group with tame activations and spiky weights wants it low, some groups are best left
+unsmoothed, and a group whose input has a few channels far above the rest (a massive
+first-token activation) is best served by computing those channels in FP. For every
+candidate ``c`` of a group G (``none``, :data:`SPLIT` where G has outlier channels and the
+activations are quantized per tensor, and the α of the grid where a constant or an explicit
+Mul can take ``1/s``) the quantized error of each of G's ops is measured with FP inputs
+(:func:`passes.sensitivity.measure_twins`, trial scales, no folding)::
 
-    E_G(c) = Σ_{op ∈ G} |f(DQ(Q(X / s)), DQ(quant(s W))) - f(X, W)|² / |f(X, W)|²
+    E_G(c) = Σ_{op ∈ G} mean_t |f(DQ(Q(X / s)), DQ(quant(s W))) - f(X, W)|²_t / |f(X, W)|²_t
 
-and G gets ``argmin_c E_G(c)``. Each candidate costs one pass over the calibration data.
+(every token weighs the same) and G gets ``argmin_c E_G(c)``; ties go to no smoothing. Every
+candidate of every group is measured in the same pass, on the first ``max_tokens`` tokens of
+the calibration data (the ranges themselves come from all of it).
 
-With ``split_ratio`` the candidates also include :data:`SPLIT`: no smoothing, the group's
-outlier channels (:func:`passes.split.outlier_channels`) computed in FP beside the quantized
-op. It is measured on the split form itself, and a group without outlier channels (or with an
-op that cannot be split) gets the unsmoothed error for it, so ties go to no smoothing.
+The split candidate (:func:`passes.split.outlier_channels`) is measured on the split form
+itself: no smoothing, the outlier channels computed in FP beside the quantized op.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -27,14 +30,14 @@ import onnx
 
 from calibrators.data import CalibrationData
 from calibrators.stats import ChannelStats
-from passes.config import QuantizationConfig
+from passes.config import DEFAULT_ALPHA_GRID, QuantizationConfig
 from passes.graph import GraphView
 from passes.onnx_io import LoadedModel
 from passes.sensitivity import Trial, measure_group_candidates
 from passes.smooth import PlannedGroup, SmoothingGroup, group_scales, smoothed_range
 from passes.split import plan_split
 
-DEFAULT_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+DEFAULT_GRID = DEFAULT_ALPHA_GRID
 SPLIT = "split"  # the candidate "outlier channels in FP, no smoothing"
 
 
@@ -44,24 +47,47 @@ class AlphaChoice:
     alpha: float | str | None  # None: no smoothing; SPLIT: outlier channels split off to FP
     errors: dict[float | str | None, float]  # candidate -> E_G
 
+    @property
+    def label(self) -> str:
+        return "none" if self.alpha is None else self.alpha if self.alpha == SPLIT else f"α={self.alpha:g}"
+
     def describe(self) -> str:
-        chosen = "none" if self.alpha is None else self.alpha if self.alpha == SPLIT else f"{self.alpha:g}"
         base = self.errors.get(None, float("nan"))
-        return f"α={chosen} (E {self.errors[self.alpha]:.3g} vs {base:.3g} unsmoothed)"
+        return f"{self.label} (E {self.errors[self.alpha]:.3g} vs {base:.3g} unsmoothed)"
+
+
+def summarize_choices(choices: Sequence[AlphaChoice]) -> str:
+    """One line: how many groups got each candidate, most frequent first."""
+    counts = Counter(c.label for c in choices)
+    return f"per-group search over {len(choices)} groups: " + ", ".join(
+        f"{label} x{n}" for label, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def search_alpha(model: LoadedModel, proto: onnx.ModelProto, view: GraphView, groups: Sequence[SmoothingGroup],
                  stats: ChannelStats, opset: int, config: QuantizationConfig, data: CalibrationData,
                  grid: Sequence[float] = DEFAULT_GRID, *, split_ratio: float | None = None,
-                 progress: bool = True) -> tuple[list[PlannedGroup], list[SmoothingGroup], list[AlphaChoice]]:
+                 max_tokens: int | None = None, sample_columns: bool = True, progress: bool = True
+                 ) -> tuple[list[PlannedGroup], list[SmoothingGroup], list[AlphaChoice]]:
     """Smoothing plan with the best candidate per group; groups best left alone (or split) come
-    back skipped (with ``split=True``)."""
-    foldable = [g for g in groups if g.site is not None and g.activation in stats.amax
-                and np.all(np.isfinite(stats.amax[g.activation]))]
-    candidates: list[float | str | None] = [None, *([SPLIT] if split_ratio else []), *grid]
+    back skipped (with ``split=True``). ``split_ratio``: offer the split (None: never); groups
+    without a fold site are measured too when they may be split. ``max_tokens``, ``sample_columns``:
+    see :func:`passes.sensitivity.measure_twins`."""
+    def finite(g: SmoothingGroup) -> bool:
+        return g.activation in stats.amax and bool(np.all(np.isfinite(stats.amax[g.activation])))
+
+    outliers = {g.activation: _split_channels(view, g, stats, split_ratio)
+                for g in groups if split_ratio and finite(g) and (g.site is not None or g.split)}
+    candidates: dict[str, list] = {}
+    for g in groups:
+        if not finite(g):
+            continue
+        offer = ([None] + ([SPLIT] if len(outliers.get(g.activation, ())) else [])
+                 + (list(grid) if g.site is not None else []))
+        if len(offer) > 1:
+            candidates[g.activation] = offer
+    searched = [g for g in groups if g.activation in candidates]
     scales = {(g.activation, c): group_scales(view, g, stats.amax[g.activation], c)
-              for g in foldable for c in grid}
-    outliers = {g.activation: _split_channels(view, g, stats, split_ratio) for g in foldable} if split_ratio else {}
+              for g in searched if g.site is not None for c in grid}
 
     def trial(group: SmoothingGroup, c: float | str | None) -> Trial:
         if c == SPLIT:
@@ -70,20 +96,22 @@ def search_alpha(model: LoadedModel, proto: onnx.ModelProto, view: GraphView, gr
         s = None if c is None else scales[(group.activation, c)]
         return Trial(s, smoothed_range(stats, group.activation, 1.0 if s is None else s))
 
-    errors = measure_group_candidates(model, proto, foldable, candidates, trial, opset, config, data,
-                                      desc="searching α per group", progress=progress)
+    errors = measure_group_candidates(model, proto, searched, candidates, trial, opset, config, data,
+                                      desc="searching α per group", max_tokens=max_tokens,
+                                      sample_columns=sample_columns, progress=progress)
     planned, skipped, choices = [], [], []
-    foldable_ids = {g.activation for g in foldable}
     for g in groups:
-        if g.activation not in foldable_ids:
-            skipped.append(g)
+        if g.activation not in candidates:
+            skipped.append(g if finite(g) else replace(g, site=None, compensate=(), split=False,
+                                                       skip_reason="non-finite activation statistics"))
             continue
-        best = min(candidates, key=lambda c: (errors[g.activation][c], c is not None))
+        best = min(candidates[g.activation], key=lambda c: (errors[g.activation][c], c is not None))
         choice = AlphaChoice(g.activation, best, errors[g.activation])
         choices.append(choice)
         if best is None or best == SPLIT:
             why = "quantized error is lowest without smoothing" if best is None else choice.describe()
-            skipped.append(replace(g, site=None, compensate=(), skip_reason=f"α search: {why}", split=best == SPLIT))
+            reason = f"α search: {why}" if g.site is not None else f"{g.skip_reason}; {why}"
+            skipped.append(replace(g, site=None, compensate=(), skip_reason=reason, split=best == SPLIT))
         else:
             planned.append(PlannedGroup(g, scales[(g.activation, best)], f"searched: {choice.describe()}"))
     return planned, skipped, choices

@@ -9,7 +9,7 @@ For every activation group G (after its smoothing, ``s = 1`` if unsmoothed) with
 range ``[lo, hi]`` of ``X / s``, and every ratio r of the grid, the range ``[r lo, r hi]`` is
 tried (values outside saturate); each op's quantized output error is measured with FP inputs
 as in :mod:`passes.alpha_search`, and G keeps ``argmin_r E_G(r)``. r = 1 is max calibration,
-so the search never does worse on the calibration data. One pass over the data per ratio.
+so the search never does worse on the calibration data. Every ratio is measured in the same pass.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class ClipChoice:
 def search_clipping(model: LoadedModel, proto: onnx.ModelProto, groups: Sequence[SmoothingGroup],
                     planned: Sequence[PlannedGroup], stats: ChannelStats, opset: int, config: QuantizationConfig,
                     data: CalibrationData, grid: Sequence[float] = DEFAULT_CLIP_GRID, *,
-                    progress: bool = True) -> list[ClipChoice]:
+                    max_tokens: int | None = None, progress: bool = True) -> list[ClipChoice]:
     """The best clipping ratio per group, measured on ``proto`` before folding (trial scales)."""
     scales = {p.group.activation: p.scales for p in planned}
     targets = [g for g in groups if g.activation in stats.amax and np.all(np.isfinite(stats.amax[g.activation]))]
@@ -53,7 +53,8 @@ def search_clipping(model: LoadedModel, proto: onnx.ModelProto, groups: Sequence
         s = scales.get(group.activation)
         return Trial(s, smoothed_range(stats, group.activation, 1.0 if s is None else s).scaled(r))
 
-    errors = measure_group_candidates(model, proto, targets, ratios, trial, opset, config, data,
-                                      desc="searching clipping per group", progress=progress)
+    errors = measure_group_candidates(model, proto, targets, {g.activation: ratios for g in targets}, trial, opset,
+                                      config, data, desc="searching clipping per group", max_tokens=max_tokens,
+                                      progress=progress)
     return [ClipChoice(g.activation, min(ratios, key=lambda r: (errors[g.activation][r], -r)), errors[g.activation])
             for g in targets]
