@@ -38,6 +38,13 @@ class TinyConfig:
     outlier_gain: float = 40.0
     mlp_outlier_channels: tuple[int, ...] = (3, 101)
     mlp_outlier_gain: float = 10.0
+    # A massive activation on the first token only, as LLMs' attention sinks carry: the residual
+    # stream's channel ``sink_channel`` at position 0 gets ``sink_value`` added (0: none), and the
+    # first layer's MLP unit ``sink_unit`` reads that channel, so its down-projection input is
+    # about 100x the rest there and ordinary elsewhere.
+    sink_value: float = 0.0
+    sink_channel: int = 11
+    sink_unit: int = 7
     seed: int = 0
 
 
@@ -86,10 +93,15 @@ def build_llama(cfg: TinyConfig = TinyConfig()):
             self.layers = nn.ModuleList(Block() for _ in range(cfg.layers))
             self.norm = RMSNorm(cfg.hidden)
             self.lm_head = nn.Linear(cfg.hidden, cfg.vocab, bias=False)
+            sink = torch.zeros(cfg.max_len, cfg.hidden)
+            sink[0, cfg.sink_channel] = cfg.sink_value
+            self.register_buffer("sink", sink)
 
         def forward(self, input_ids):
             x = self.embed_tokens(input_ids)
             t = input_ids.shape[1]
+            if cfg.sink_value:
+                x = x + self.sink[:t]
             mask = torch.triu(torch.full((t, t), -1e4), diagonal=1)
             for layer in self.layers:
                 x = layer(x, mask)
@@ -106,6 +118,10 @@ def build_llama(cfg: TinyConfig = TinyConfig()):
             for c in cfg.mlp_outlier_channels:
                 layer.gate_proj.weight[c] *= cfg.mlp_outlier_gain / 2
                 layer.up_proj.weight[c] *= cfg.mlp_outlier_gain
+        if cfg.sink_value:
+            first = model.layers[0]
+            first.gate_proj.weight[cfg.sink_unit, cfg.sink_channel] = 2.0
+            first.up_proj.weight[cfg.sink_unit, cfg.sink_channel] = 2.0
     return model
 
 

@@ -53,7 +53,7 @@ def quantize_per_token(view: GraphView, linear_ops: list[LinearOp], opset: int, 
         raise SmoothQuantError(f"per-token lowering needs opset >= 13, the model has {opset}")
     names = NameFactory(view.all_names())
     scalars = _Scalars(view, names)
-    report = QuantReport(config.precision)
+    report = QuantReport(config.precision, gptq=hessians is not None)
     plan: list[tuple[LinearOp, list[onnx.NodeProto]]] = []
     custom = config.target is Target.TENSORRT
     for op in tqdm(linear_ops, desc="rounding weights (GPTQ)", unit="op", leave=False,

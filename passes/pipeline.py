@@ -26,7 +26,7 @@ from calibrators.stats import ChannelStats
 from passes.alpha_search import AlphaChoice, search_alpha
 from passes.check_trt import check_graph
 from passes.clip_search import ClipChoice, search_clipping
-from passes.config import Granularity, QuantizationConfig, SmoothQuantConfig, Target, Unfoldable, WeightRounding
+from passes.config import Granularity, QuantizationConfig, SmoothQuantConfig, Target, WeightRounding
 from passes.errors import SmoothQuantError
 from passes.fold import GroupResult, SmoothingReport, fold_smoothing
 from passes.graph import GraphView, ensure_opset_import, opset_version
@@ -55,7 +55,7 @@ class SmoothQuantResult:
     stats: ChannelStats
     quant_report: QuantReport | None = None  # None: smooth only
     layer_errors: list[LayerError] = field(default_factory=list)  # measured when max_fp_layers > 0
-    alpha_choices: list[AlphaChoice] = field(default_factory=list)  # with SmoothingConfig.alpha_grid
+    alpha_choices: list[AlphaChoice] = field(default_factory=list)  # with the per-group search (alpha=None)
     clip_choices: list[ClipChoice] = field(default_factory=list)  # with QuantizationConfig.clip_grid
     written: list[Path] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
@@ -92,19 +92,18 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
     if write and out_path.resolve() == loaded.path.resolve():
         raise SmoothQuantError(f"{out_path}: the output would overwrite the input model")
 
-    messages = []
-    rereads = (config.quantization is not None and (config.quantization.max_fp_layers > 0
-                                                    or config.quantization.clip_grid
-                                                    or config.quantization.weight_rounding is WeightRounding.GPTQ)) \
-        or (config.smoothing.enabled and config.smoothing.alpha_grid)
+    rereads = config.quantization is not None and (config.quantization.max_fp_layers > 0
+                                                   or config.quantization.clip_grid
+                                                   or config.quantization.weight_rounding is WeightRounding.GPTQ)
     if rereads and _one_pass_only(calib):
-        raise SmoothQuantError("--max-fp-layers, --alpha auto, --clip search and --weight-rounding gptq read the "
-                               "calibration data more than once: pass a list of feeds, an .npz or a folder, not an "
-                               "iterator")
+        raise SmoothQuantError("--max-fp-layers, --clip search and --weight-rounding gptq read the calibration data "
+                               "more than once: pass a list of feeds, an .npz or a folder, not an iterator")
     if rereads and not _has_calibration(loaded, calib):
-        raise SmoothQuantError(f"{loaded.path}: --max-fp-layers, --alpha auto, --clip search and --weight-rounding "
-                               f"gptq run the model on calibration data, which statistics alone (--stats) do not "
-                               f"replace: pass --calib DATA or --calib-text FILE")
+        raise SmoothQuantError(f"{loaded.path}: --max-fp-layers, --clip search and --weight-rounding gptq run the "
+                               f"model on calibration data, which statistics alone (--stats) do not replace: pass "
+                               f"--calib DATA or --calib-text FILE")
+    # The automatic choices (the α search, GPTQ where possible) need data they can read again.
+    config, messages = config.resolved(_has_calibration(loaded, calib) and not _one_pass_only(calib))
     if config.quantization is not None:
         need, why = FORMATS[config.quantization.precision].min_opset, config.quantization.precision.name
         if _has_half_floats(loaded.proto) and need < 19:
@@ -141,6 +140,7 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
                                        planned, channel_stats,
                                        opset_version(loaded.proto), config.quantization,
                                        _calibration_data(loaded, calib, config), config.quantization.clip_grid,
+                                       max_tokens=config.calibration.search_tokens,
                                        progress=config.calibration.progress)
     report = fold_smoothing(view, planned, skipped)
     splits = _apply_splits(view, to_split, channel_stats, report)
@@ -221,13 +221,12 @@ def _plan(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup], st
     """Scales per group: one α, a per-group search, or no smoothing at all."""
     if not config.smoothing.enabled:
         return [], [replace(g, site=None, skip_reason="smoothing disabled", split=False) for g in groups], []
-    if not config.smoothing.alpha_grid:
+    if not config.smoothing.searched:
         return (*plan_smoothing(view, groups, stats, config.smoothing), [])
-    # An explicit --unfoldable split also offers the split to smoothable groups (AUTO does not).
-    split_ratio = config.smoothing.split_ratio if config.smoothing.unfoldable is Unfoldable.SPLIT else None
-    return search_alpha(loaded, loaded.proto, view, groups, stats, opset_version(loaded.proto),
-                        config.quantization or QuantizationConfig(), _calibration_data(loaded, calib, config),
-                        config.smoothing.alpha_grid, split_ratio=split_ratio, progress=config.calibration.progress)
+    return search_alpha(loaded, loaded.proto, view, groups, stats, opset_version(loaded.proto), config.quantization,
+                        _calibration_data(loaded, calib, config), config.smoothing.alpha_grid,
+                        split_ratio=config.split_ratio, max_tokens=config.calibration.search_tokens,
+                        progress=config.calibration.progress)
 
 
 def _quantize(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup], planned: list[PlannedGroup],

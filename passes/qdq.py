@@ -102,10 +102,12 @@ class QuantReport:
     precision: Precision = Precision.INT8
     quantized: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    gptq: bool = False  # weights rounded by GPTQ (else to nearest)
 
     def summary(self) -> str:
-        lines = [f"quantization: {len(self.quantized)} linear ops quantized ({self.precision.name} W8A8), "
-                 f"{len(self.skipped)} kept in FP"]
+        rounding = "GPTQ" if self.gptq else "nearest"
+        lines = [f"quantization: {len(self.quantized)} linear ops quantized ({self.precision.name} W8A8, weights "
+                 f"rounded {'by' if self.gptq else 'to'} {rounding}), {len(self.skipped)} kept in FP"]
         lines.extend(f"  kept FP  {name}: {reason}" for name, reason in self.skipped)
         return "\n".join(lines)
 
@@ -147,7 +149,7 @@ def quantize_linear_ops(view: GraphView, linear_ops: list[LinearOp], ranges: dic
         raise SmoothQuantError(f"{config.precision.name} QuantizeLinear/DequantizeLinear need opset >= "
                                f"{fmt.min_opset}, the model has {opset}")
     names = NameFactory(view.all_names())
-    report = QuantReport(config.precision)
+    report = QuantReport(config.precision, gptq=hessians is not None)
     act_dq: dict[str, str] = {}
     weight_dq: dict[tuple[str, int], str] = {}
     new_nodes: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []  # (node to insert, insert before)

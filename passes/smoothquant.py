@@ -9,15 +9,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from passes.config import (CalibrationConfig, Granularity, Precision, QuantizationConfig, SmoothingConfig, SmoothQuantConfig,
-                           Target, Unfoldable, WeightRounding, WeightStorage)
+from passes.config import (DEFAULT_ALPHA_GRID, FAST_ALPHA, CalibrationConfig, Granularity, Precision, QuantizationConfig,
+                           SmoothingConfig, SmoothQuantConfig, Target, Unfoldable, WeightRounding, WeightStorage)
 from calibrators.data import model_inputs
 from calibrators.text import TextLayout, load_tokenizer, read_text_file, text_feeds
-from passes.alpha_search import DEFAULT_GRID
 from passes.clip_search import DEFAULT_CLIP_GRID
 from passes.onnx_io import load_model
 from passes.build_engine import add_engine_arguments, build_prepared, engine_config_from_args, import_tensorrt, prepare
 from passes.errors import SmoothQuantError
+from passes.alpha_search import summarize_choices
 from passes.pipeline import run_smoothquant
 
 
@@ -38,20 +38,25 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", action="append", help="reuse statistics saved by --stats-out instead of calibrating; "
                                                     "repeat to merge shards")
     p.add_argument("--stats-out", help="save the calibration statistics to this .npz")
-    p.add_argument("--alpha", default="0.5",
-                   help="migration strength in [0, 1], or 'auto': per group, the best of --alpha-grid (or no "
-                        "smoothing) by quantized error on the calibration data")
-    p.add_argument("--alpha-grid", default=",".join(f"{a:g}" for a in DEFAULT_GRID),
+    p.add_argument("--alpha", default="auto",
+                   help="migration strength in [0, 1] for every group (one pass), or auto: per group, the best of "
+                        "--alpha-grid, no smoothing, or the outlier split, by quantized error on the calibration data")
+    p.add_argument("--alpha-grid", default=",".join(f"{a:g}" for a in DEFAULT_ALPHA_GRID),
                    help="candidates for --alpha auto, comma-separated")
+    p.add_argument("--search-tokens", type=int, default=CalibrationConfig.search_tokens, metavar="N",
+                   help="the searches measure their candidates on the first N calibration tokens (0: all)")
+    p.add_argument("--fast", action="store_true",
+                   help=f"the one-pass path: --alpha {FAST_ALPHA:g} (unless --alpha is given) and "
+                        f"--weight-rounding nearest (unless given)")
     p.add_argument("--no-smoothing", action="store_true",
                    help="quantize without smoothing or outlier splits (the plain baseline)")
     p.add_argument("--unfoldable", choices=[u.value for u in Unfoldable], default=Unfoldable.AUTO.value,
                    help="groups no constant can absorb (or only by breaking a runtime fusion, like GELU's scalar "
                         "under --target onnxruntime): skip them, insert one explicit Mul, or split: quantize them "
-                        "unsmoothed with their few outlier channels computed in FP. auto: split for per-tensor "
-                        "--target onnxruntime, else mul where a fusion is the obstacle and skip elsewhere. "
-                        "An explicit split with --alpha auto also offers the split to every smoothable group "
-                        "and keeps it where its measured error is lowest")
+                        "unsmoothed with their few outlier channels computed in FP. auto: split with --alpha auto "
+                        "(the search keeps the split or no smoothing, whichever measures better, and offers the split "
+                        "to every group with outlier channels) and for --target onnxruntime; else skip, or mul where a "
+                        "fusion is the only obstacle. An explicit skip or mul takes the split out of the search")
     p.add_argument("--split-ratio", type=float, default=SmoothingConfig.split_ratio, metavar="R",
                    help="with split: a channel is an outlier if its calibrated max|X| exceeds R times the 99th "
                         "percentile over the channels")
@@ -69,9 +74,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=[w.value for w in WeightStorage], default=WeightStorage.QUANTIZED.value,
                    help="store weights quantized (int8/float8 + DequantizeLinear, ~4x smaller) or as float "
                         "followed by QuantizeLinear -> DequantizeLinear")
-    p.add_argument("--weight-rounding", choices=[r.value for r in WeightRounding], default=WeightRounding.NEAREST.value,
+    p.add_argument("--weight-rounding", choices=[r.value for r in WeightRounding], default=None,
                    help="nearest, or gptq: round each weight so the op's output error on the calibration data is "
-                        "small (one more pass over the data; MatMul/Gemm weights)")
+                        "small (one more pass over the data; MatMul/Gemm weights). Default auto: gptq where the "
+                        "calibration data can be read again, nearest with --fast")
     p.add_argument("--quantize-tied", action="store_true",
                    help="also smooth and quantize MatMuls that read Transpose of a constant (a tied LM head reading "
                         "the embedding), on their own transposed copy; by default they stay FP")
@@ -107,9 +113,10 @@ def text_calibration(args: argparse.Namespace) -> list[dict]:
 
 
 def _smoothing_config(args: argparse.Namespace) -> SmoothingConfig:
+    auto = args.alpha == "auto" and not args.fast
     try:
-        grid = tuple(float(a) for a in args.alpha_grid.split(",")) if args.alpha == "auto" else ()
-        alpha = 0.5 if args.alpha == "auto" else float(args.alpha)
+        grid = tuple(float(a) for a in args.alpha_grid.split(","))
+        alpha = None if auto else FAST_ALPHA if args.alpha == "auto" else float(args.alpha)
     except ValueError:
         raise SmoothQuantError(f"--alpha {args.alpha!r} / --alpha-grid {args.alpha_grid!r}: expected numbers in "
                                f"[0, 1] (or --alpha auto)") from None
@@ -128,12 +135,14 @@ def _ratios(text: str) -> tuple[float, ...]:
 def config_from_args(args: argparse.Namespace) -> SmoothQuantConfig:
     return SmoothQuantConfig(
         smoothing=_smoothing_config(args),
-        calibration=CalibrationConfig(batch_size=args.batch_size, progress=not args.quiet),
+        calibration=CalibrationConfig(batch_size=args.batch_size, progress=not args.quiet,
+                                      search_tokens=args.search_tokens or None),
         quantization=None if args.smooth_only else QuantizationConfig(
             precision=Precision(args.precision), target=Target(args.target), weights=WeightStorage(args.weights),
             exclude=tuple(args.exclude), max_fp_layers=args.max_fp_layers, check=not args.no_check,
             clip_grid=_ratios(args.clip_grid) if args.clip == "search" else (),
-            granularity=Granularity(args.granularity), weight_rounding=WeightRounding(args.weight_rounding),
+            granularity=Granularity(args.granularity),
+            weight_rounding=WeightRounding(args.weight_rounding or ("nearest" if args.fast else "auto")),
             quantize_tied=args.quantize_tied),
     )
 
@@ -169,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for message in result.messages:
         print(f"note: {message}", file=sys.stderr)
     summaries = [result.report.summary()] + ([result.quant_report.summary()] if result.quant_report else [])
+    if result.alpha_choices:
+        summaries.insert(1, summarize_choices(result.alpha_choices))
     if result.layer_errors:
         worst = sorted(result.layer_errors, key=lambda e: e.sqnr_db)[:5]
         summaries.append("lowest per-layer SQNR on calibration data: "

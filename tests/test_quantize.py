@@ -8,10 +8,13 @@ import pytest
 
 from conftest import run
 from passes import SmoothingConfig, SmoothQuantConfig, run_smoothquant
+from passes.config import QuantizationConfig, WeightRounding
 
 
 def quantize(path, out, alpha=0.5, **kw):
-    return run_smoothquant(path, out, config=SmoothQuantConfig(SmoothingConfig(alpha=alpha)), **kw)
+    """One α, nearest rounding: the Q/DQ placement these tests check, not the default's search."""
+    return run_smoothquant(path, out, config=SmoothQuantConfig(
+        SmoothingConfig(alpha=alpha), quantization=QuantizationConfig(weight_rounding=WeightRounding.NEAREST)), **kw)
 
 
 def row_cosine(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
@@ -57,7 +60,7 @@ def test_activation_scale_is_smoothed_range(demo_dir, tmp_path):
     """max|X'| = max_j(amax_j / s_j): equal to the real range of the smoothed activation on the same data."""
     path = demo_dir / "tiny_llama.onnx"
     quantize(path, tmp_path / "q.onnx")
-    run_smoothquant(path, tmp_path / "s.onnx", config=SmoothQuantConfig(quantization=None))
+    run_smoothquant(path, tmp_path / "s.onnx", config=SmoothQuantConfig(SmoothingConfig(0.5), quantization=None))
     q = onnx.load(str(tmp_path / "q.onnx"))
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in q.graph.initializer}
     act_scales = {n.input[0]: float(inits[n.input[1]]) for n in q.graph.node if n.op_type == "QuantizeLinear"}

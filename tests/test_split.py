@@ -10,6 +10,7 @@ from onnx import numpy_helper
 
 from conftest import initializer_arrays, rel_err, run
 from passes import SmoothQuantConfig
+from passes.alpha_search import SPLIT
 from passes.config import (CalibrationConfig, Granularity, QuantizationConfig, SmoothingConfig, Target, Unfoldable,
                            WeightRounding)
 from passes.errors import SmoothQuantError
@@ -127,10 +128,13 @@ def test_split_group_without_outliers_is_skipped_with_the_reason(tmp_path):
     assert group.kind is None and "no channel's max|X| exceeds 100x" in group.detail
 
 
-def test_tensorrt_target_folds_gelu_and_never_splits_by_default(tmp_path):
+def test_tensorrt_target_folds_gelu_with_one_alpha_and_the_search_weighs_the_split(tmp_path):
     path, _ = gelu_mlp(tmp_path)
-    result = run_smoothquant(path, tmp_path / "q.onnx", config=SmoothQuantConfig(SmoothingConfig(), QUIET))
+    result = run_smoothquant(path, tmp_path / "q.onnx", config=SmoothQuantConfig(SmoothingConfig(0.5), QUIET))
     assert [g.kind for g in result.report.groups] == [FoldKind.NORM]  # GELU's 0.5 absorbs 1/s
+    searched = run_smoothquant(path, tmp_path / "s.onnx", config=SmoothQuantConfig(calibration=QUIET))
+    choice = searched.alpha_choices[0]
+    assert {None, SPLIT, 0.5} <= set(choice.errors) and choice.errors[choice.alpha] == min(choice.errors.values())
 
 
 def test_split_needs_per_tensor_quantization():
@@ -189,9 +193,9 @@ def test_no_smoothing_does_not_claim_the_model_is_written_unchanged(tmp_path):
     assert result.quant_report.quantized
 
 
-def test_alpha_search_offers_the_split_with_explicit_split(tmp_path):
-    """A LayerNorm-like group (foldable) whose input has two outlier channels: with an explicit
-    --unfoldable split the α search also measures the split form and keeps it where it wins."""
+def test_alpha_search_offers_the_split_unless_skip_or_mul_is_asked(tmp_path):
+    """A LayerNorm-like group (foldable) whose input has two outlier channels: the α search also
+    measures the split form and keeps it where it wins; an explicit --unfoldable mul takes it out."""
     rng = np.random.default_rng(2)
     model = onnx.parser.parse_model(f"""
         <ir_version: 8, opset_import: ["" : 17]>
@@ -210,14 +214,16 @@ def test_alpha_search_offers_the_split_with_explicit_split(tmp_path):
 
     def search(unfoldable):
         return run_smoothquant(path, tmp_path / f"{unfoldable.value}.onnx", config=SmoothQuantConfig(
-            SmoothingConfig(alpha_grid=(0.5,), unfoldable=unfoldable), QUIET, QuantizationConfig()))
+            SmoothingConfig(alpha_grid=(0.5,), unfoldable=unfoldable), QUIET,
+            QuantizationConfig(weight_rounding=WeightRounding.NEAREST)))
 
-    offered, default = search(Unfoldable.SPLIT), search(Unfoldable.AUTO)
+    offered, without = search(Unfoldable.AUTO), search(Unfoldable.MUL)
+    assert search(Unfoldable.SPLIT).alpha_choices == offered.alpha_choices
     errors = offered.alpha_choices[0].errors
-    assert set(errors) == {None, "split", 0.5} and set(default.alpha_choices[0].errors) == {None, 0.5}
+    assert set(errors) == {None, "split", 0.5} and set(without.alpha_choices[0].errors) == {None, 0.5}
     # measured: 3.1e-5 split, 6.7e-4 at α=0.5, 1.7e-2 unsmoothed
     assert errors["split"] < 0.2 * errors[0.5] < errors[None], errors
     assert [g.kind for g in offered.report.groups] == [FoldKind.SPLIT]
-    assert [g.kind for g in default.report.groups] == [FoldKind.NORM]
+    assert [g.kind for g in without.report.groups] == [FoldKind.NORM]
     ref = run(path, feeds)
-    assert rel_err(ref, run(tmp_path / "split.onnx", feeds)) < 0.5 * rel_err(ref, run(tmp_path / "auto.onnx", feeds))
+    assert rel_err(ref, run(tmp_path / "auto.onnx", feeds)) < 0.5 * rel_err(ref, run(tmp_path / "mul.onnx", feeds))
