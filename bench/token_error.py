@@ -6,10 +6,11 @@
 For each named MatMul/Gemm (node names), its input X on one calibration batch is read from ONNX
 Runtime, and ``Y' = Q(X / s) Q(s W)`` (per-tensor INT8 activations over the batch's real tokens,
 per-output-channel INT8 weights, ``s`` from SmoothQuant's formula at each α) is compared with
-``Y = X W`` in float64. Printed per α: the summed relative error the α search minimizes
+``Y = X W`` in float64. Printed per α: the summed relative error
 (``Σ_t |Y'_t - Y_t|² / Σ_t |Y_t|²``), the first token's share of it, and the mean of the per-token
-relative errors with and without the first token. It answers whether one token (the attention
-sink) rules the search's objective. Padding (``attention_mask == 0``) is left out.
+relative errors with and without the first token. Padding (``attention_mask == 0``) is left out.
+(The α search's own objective is the mean of the per-token relative errors, every token weighing
+the same, :mod:`passes.sensitivity`; the summed form is printed to show what it would hide.)
 """
 
 from __future__ import annotations
