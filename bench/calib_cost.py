@@ -47,9 +47,9 @@ def child(mode: str, model_name: str, out_dir: str) -> dict:
         for feed in CalibrationData(data, batch).batches():
             session.run(None, feed)
     elif mode == "ours":
-        from passes.graph import GraphView  # noqa: PLC0415
+        from passes.ir.graph import GraphView  # noqa: PLC0415
         from passes.linear import find_linear_ops  # noqa: PLC0415
-        from passes.onnx_io import TensorStore, load_model  # noqa: PLC0415
+        from passes.ir.onnx_io import TensorStore, load_model  # noqa: PLC0415
         from passes.smooth import stat_targets  # noqa: PLC0415
 
         loaded = load_model(model)

@@ -36,9 +36,9 @@ def child(mode: str, samples: int, seq_len: int, batch: int) -> dict:
     """Runs inside the measured process."""
     from calibrators import CalibrationData, collect_channel_stats  # noqa: PLC0415
     from models.tiny import TinyConfig, make_inputs  # noqa: PLC0415
-    from passes.graph import GraphView  # noqa: PLC0415
+    from passes.ir.graph import GraphView  # noqa: PLC0415
     from passes.linear import find_linear_ops  # noqa: PLC0415
-    from passes.onnx_io import TensorStore, load_model  # noqa: PLC0415
+    from passes.ir.onnx_io import TensorStore, load_model  # noqa: PLC0415
     from passes.smooth import stat_targets  # noqa: PLC0415
 
     path = ensure_model()

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from passes.alpha_search import DEFAULT_GRID
+from passes.search.alpha import DEFAULT_GRID
 from passes import (CalibrationConfig, Precision, QuantizationConfig, SmoothingConfig, SmoothQuantConfig,
                     run_smoothquant)
 

@@ -20,7 +20,7 @@ from models.export import export
 from passes import CalibrationConfig, Precision, QuantizationConfig, SmoothingConfig, SmoothQuantConfig, run_smoothquant
 from passes.config import WeightStorage
 from passes.evaluate import Task, evaluate
-from passes.onnx_io import load_model, save_model
+from passes.ir.onnx_io import load_model, save_model
 
 
 def without_qdq(loaded, out: Path, weights: bool) -> Path:

@@ -19,7 +19,7 @@ from pathlib import Path
 from models.export import export
 from bench.common import quantize_each
 from passes import CalibrationConfig, Precision, QuantizationConfig, SmoothingConfig, SmoothQuantConfig
-from passes.alpha_search import DEFAULT_GRID
+from passes.search.alpha import DEFAULT_GRID
 from passes.config import Target, Unfoldable, WeightRounding
 from passes.evaluate import evaluate
 

@@ -4,7 +4,7 @@
 
 The default α search measures every candidate of every group in one pass over the first
 ``search_tokens`` calibration tokens, each twin GEMM on a sample of its output channels
-(:mod:`passes.sensitivity`). This runs the same search twice on the same statistics,
+(:mod:`passes.search.sensitivity`). This runs the same search twice on the same statistics,
 cheap (the default) and full (every token, every column), and compares per group: whether both
 pick the same candidate, the *regret* (the full error of the cheap pick over the full minimum;
 1.0 = the same quality), and the cheap error of each candidate against its full error.
@@ -23,11 +23,11 @@ from calibrators.data import CalibrationData
 from calibrators.minmax import collect_channel_stats
 from models.export import export
 from passes.config import DEFAULT_ALPHA_GRID, CalibrationConfig, Precision, QuantizationConfig, SmoothQuantConfig
-from passes.graph import GraphView, opset_version
-from passes.onnx_io import TensorStore, load_model
+from passes.ir.graph import GraphView, opset_version
+from passes.ir.onnx_io import TensorStore, load_model
 from passes.linear import find_linear_ops
 from passes.pipeline import convert_opset
-from passes.alpha_search import search_alpha
+from passes.search.alpha import search_alpha
 from passes.smooth import find_groups, stat_targets
 
 

@@ -10,7 +10,7 @@ per-output-channel INT8 weights, ``s`` from SmoothQuant's formula at each α) is
 (``Σ_t |Y'_t - Y_t|² / Σ_t |Y_t|²``), the first token's share of it, and the mean of the per-token
 relative errors with and without the first token. Padding (``attention_mask == 0``) is left out.
 (The α search's own objective is the mean of the per-token relative errors, every token weighing
-the same, :mod:`passes.sensitivity`; the summed form is printed to show what it would hide.)
+the same, :mod:`passes.search.sensitivity`; the summed form is printed to show what it would hide.)
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import onnx
 
 from calibrators.data import CalibrationData
 from calibrators.minmax import inference_session
-from passes.graph import GraphView
+from passes.ir.graph import GraphView
 from passes.linear import find_linear_ops
-from passes.onnx_io import TensorStore, load_model
+from passes.ir.onnx_io import TensorStore, load_model
 from passes.scales import smoothing_scales
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from passes.errors import SmoothQuantError
+from passes.ir.errors import SmoothQuantError
 
 Feed = Mapping[str, np.ndarray]
 

@@ -22,9 +22,9 @@ from tqdm import tqdm
 
 from calibrators.data import CalibrationData, model_inputs
 from calibrators.minmax import inference_session, split_large_inline
-from passes.errors import SmoothQuantError
-from passes.naming import NameFactory
-from passes.onnx_io import LoadedModel
+from passes.ir.errors import SmoothQuantError
+from passes.ir.naming import NameFactory
+from passes.ir.onnx_io import LoadedModel
 
 
 def build_gram_graph(proto: onnx.ModelProto, channels: Mapping[str, int]

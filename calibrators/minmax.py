@@ -26,10 +26,10 @@ from tqdm import tqdm
 
 from calibrators.data import CalibrationData, model_inputs
 from calibrators.stats import ChannelStats
-from passes.errors import SmoothQuantError
-from passes.graph import make_reduce, opset_version
-from passes.naming import NameFactory
-from passes.onnx_io import PROTOBUF_LIMIT, LoadedModel, tensor_nbytes
+from passes.ir.errors import SmoothQuantError
+from passes.ir.graph import make_reduce, opset_version
+from passes.ir.naming import NameFactory
+from passes.ir.onnx_io import PROTOBUF_LIMIT, LoadedModel, tensor_nbytes
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from passes.errors import SmoothQuantError
+from passes.ir.errors import SmoothQuantError
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: abs-max only

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from calibrators.data import InputSpec
-from passes.errors import SmoothQuantError
+from passes.ir.errors import SmoothQuantError
 
 KNOWN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 

@@ -40,7 +40,7 @@ import numpy as np
 
 from calibrators.text import load_tokenizer, paragraph_batch, token_windows
 from models.text import DEFAULT_CACHE, handbook_paragraphs, split
-from passes.errors import SmoothQuantError
+from passes.ir.errors import SmoothQuantError
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from passes.errors import SmoothQuantError
+from passes.ir.errors import SmoothQuantError
 
 PACKAGE = "debian-handbook"
 DEFAULT_CACHE = Path(os.environ.get("SMOOTHQUANT_CACHE", Path.home() / ".cache" / "smoothquant-onnx"))

@@ -22,7 +22,7 @@ _EXPORTS = {
     "Unfoldable": "passes.config",
     "WeightRounding": "passes.config",
     "WeightStorage": "passes.config",
-    "SmoothQuantError": "passes.errors",
+    "SmoothQuantError": "passes.ir.errors",
     "SmoothingReport": "passes.fold",
     "SmoothQuantResult": "passes.pipeline",
     "run_smoothquant": "passes.pipeline",

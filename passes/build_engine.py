@@ -28,8 +28,8 @@ from pathlib import Path
 import onnx
 
 from passes.check_trt import check_model
-from passes.errors import SmoothQuantError
-from passes.onnx_io import LoadedModel, load_model
+from passes.ir.errors import SmoothQuantError
+from passes.ir.onnx_io import LoadedModel, load_model
 from plugins import schema
 
 PLUGINS_MODULE = "plugins.trt_plugins"

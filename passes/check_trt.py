@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from passes.errors import SmoothQuantError
-from passes.graph import GraphView, attribute, declared_dtype, opset_version
-from passes.onnx_io import LoadedModel, TensorStore, load_model
+from passes.ir.errors import SmoothQuantError
+from passes.ir.graph import GraphView, attribute, declared_dtype, opset_version
+from passes.ir.onnx_io import LoadedModel, TensorStore, load_model
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 GEMM_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")

@@ -6,7 +6,7 @@ import enum
 import re
 from dataclasses import dataclass, field, replace
 
-from passes.errors import SmoothQuantError
+from passes.ir.errors import SmoothQuantError
 
 
 class Unfoldable(enum.Enum):
@@ -59,7 +59,7 @@ FAST_ALPHA = 0.8  # the one-pass path's α (--fast, or when the data cannot be r
 class SmoothingConfig:
     """``alpha``: one migration strength for every group (the one-pass path). None (the
     default): each group gets the candidate whose quantized error on the calibration data is
-    lowest (:mod:`passes.alpha_search`): an α of ``alpha_grid``, no smoothing, or the outlier
+    lowest (:mod:`passes.search.alpha`): an α of ``alpha_grid``, no smoothing, or the outlier
     split, all measured in one more pass. ``enabled=False``: quantize unsmoothed, with no
     outlier splits either (the plain baseline).
     ``split_ratio``: a channel is an outlier if its calibrated ``max|X_j|`` exceeds this many

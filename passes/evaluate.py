@@ -43,8 +43,8 @@ import onnx
 
 from calibrators.data import CalibrationData
 from calibrators.minmax import inference_session
-from passes.errors import SmoothQuantError
-from passes.onnx_io import load_model
+from passes.ir.errors import SmoothQuantError
+from passes.ir.onnx_io import load_model
 from passes.pipeline import RESCALED_OUTPUTS_KEY
 
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from passes.graph import GraphView
-from passes.naming import NameFactory
+from passes.ir.graph import GraphView
+from passes.ir.naming import NameFactory
 from passes.patterns import FoldContext, FoldKind, insert_channel_mul
 from passes.smooth import PlannedGroup, SmoothingGroup
 

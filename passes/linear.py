@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from passes.graph import GraphView, attribute
+from passes.ir.graph import GraphView, attribute
 
 
 class LinearKind(enum.Enum):

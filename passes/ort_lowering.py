@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from passes.graph import GraphView, attribute
+from passes.ir.graph import GraphView, attribute
 
 MS_DOMAIN = "com.microsoft"
 MS_VERSION = 1

@@ -32,9 +32,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from passes.graph import GraphView, activation_dtype, attribute
+from passes.ir.graph import GraphView, activation_dtype, attribute
 from passes.linear import LinearOp
-from passes.naming import NameFactory
+from passes.ir.naming import NameFactory
 
 
 class FoldKind(enum.Enum):

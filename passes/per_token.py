@@ -31,10 +31,10 @@ from onnx import helper
 from tqdm import tqdm
 
 from passes.config import Precision, QuantizationConfig, Target
-from passes.errors import SmoothQuantError
-from passes.graph import GraphView, activation_dtype, attribute, make_reduce
+from passes.ir.errors import SmoothQuantError
+from passes.ir.graph import GraphView, activation_dtype, attribute, make_reduce
 from passes.linear import LinearKind, LinearOp
-from passes.naming import NameFactory
+from passes.ir.naming import NameFactory
 from passes.qdq import FORMATS, QuantReport, per_channel_weight_scale, quantize_weight
 from plugins import schema
 

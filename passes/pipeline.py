@@ -23,21 +23,21 @@ from calibrators.data import CalibrationData, Feed
 from calibrators.gram import WeightHessians
 from calibrators.minmax import collect_channel_stats, inference_session
 from calibrators.stats import ChannelStats
-from passes.alpha_search import AlphaChoice, search_alpha
+from passes.search.alpha import AlphaChoice, search_alpha
 from passes.check_trt import check_graph
-from passes.clip_search import ClipChoice, search_clipping
+from passes.search.clip import ClipChoice, search_clipping
 from passes.config import Granularity, QuantizationConfig, SmoothQuantConfig, Target, WeightRounding
-from passes.errors import SmoothQuantError
+from passes.ir.errors import SmoothQuantError
 from passes.fold import GroupResult, SmoothingReport, fold_smoothing
-from passes.graph import GraphView, ensure_opset_import, opset_version
+from passes.ir.graph import GraphView, ensure_opset_import, opset_version
 from passes.linear import LinearKind, LinearOp, find_linear_ops
-from passes.onnx_io import LoadedModel, TensorStore, load_model, save_model
+from passes.ir.onnx_io import LoadedModel, TensorStore, load_model, save_model
 from passes.ort_lowering import MS_DOMAIN, MS_VERSION, lower_for_onnxruntime
-from passes.naming import NameFactory
+from passes.ir.naming import NameFactory
 from passes.patterns import AttentionValueFold, FoldKind, LinearOutputFold
 from passes.per_token import quantize_per_token
 from passes.qdq import FORMATS, ActivationRange, QuantReport, quantize_linear_ops
-from passes.sensitivity import LayerError, choose_fp_layers, measure_layer_errors
+from passes.search.sensitivity import LayerError, choose_fp_layers, measure_layer_errors
 from passes.smooth import (PlannedGroup, SmoothingGroup, find_groups, plan_smoothing, smoothed_range, stat_targets,
                            without_site)
 from passes.split import SplitOp, masked_hessians, plan_split, split_outliers

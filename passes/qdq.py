@@ -34,11 +34,11 @@ from onnx import helper
 from tqdm import tqdm
 
 from passes.config import Precision, QuantizationConfig, Target, WeightStorage
-from passes.errors import SmoothQuantError
+from passes.ir.errors import SmoothQuantError
 from passes.gptq import gptq_round
-from passes.graph import GraphView
+from passes.ir.graph import GraphView
 from passes.linear import LinearOp
-from passes.naming import NameFactory
+from passes.ir.naming import NameFactory
 
 INT8_MAX = 127.0
 FP8_E4M3_MAX = 448.0

@@ -19,8 +19,8 @@ import numpy as np
 from calibrators.minmax import StatTarget
 from calibrators.stats import ChannelStats
 from passes.config import SmoothingConfig, Unfoldable
-from passes.errors import SmoothQuantError
-from passes.graph import GraphView
+from passes.ir.errors import SmoothQuantError
+from passes.ir.graph import GraphView
 from passes.linear import LinearOp
 from passes.patterns import SHAPE_READERS, AttentionValueFold, FoldSite, InsertedMul, find_fold_site
 from passes.scales import smoothing_scales

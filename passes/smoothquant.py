@@ -13,11 +13,11 @@ from passes.config import (DEFAULT_ALPHA_GRID, FAST_ALPHA, CalibrationConfig, Gr
                            SmoothingConfig, SmoothQuantConfig, Target, Unfoldable, WeightRounding, WeightStorage)
 from calibrators.data import model_inputs
 from calibrators.text import TextLayout, load_tokenizer, read_text_file, text_feeds
-from passes.clip_search import DEFAULT_CLIP_GRID
-from passes.onnx_io import load_model
+from passes.search.clip import DEFAULT_CLIP_GRID
+from passes.ir.onnx_io import load_model
 from passes.build_engine import add_engine_arguments, build_prepared, engine_config_from_args, import_tensorrt, prepare
-from passes.errors import SmoothQuantError
-from passes.alpha_search import summarize_choices
+from passes.ir.errors import SmoothQuantError
+from passes.search.alpha import summarize_choices
 from passes.pipeline import run_smoothquant
 
 

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import helper
 
-from passes.graph import GraphView, attribute
+from passes.ir.graph import GraphView, attribute
 from passes.linear import LinearKind, LinearOp
-from passes.naming import NameFactory
+from passes.ir.naming import NameFactory
 from passes.ort_lowering import fusible_bias_add
 
 DEFAULT_RATIO = 2.0

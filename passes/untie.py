@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from passes.graph import GraphView, attribute
-from passes.naming import NameFactory
+from passes.ir.graph import GraphView, attribute
+from passes.ir.naming import NameFactory
 
 
 @dataclass(frozen=True)

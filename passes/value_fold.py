@@ -31,9 +31,9 @@ from onnx import helper
 
 from calibrators.data import CalibrationData
 from calibrators.minmax import inference_session
-from passes.graph import GraphView, attribute, opset_version
-from passes.naming import NameFactory
-from passes.onnx_io import LoadedModel
+from passes.ir.graph import GraphView, attribute, opset_version
+from passes.ir.naming import NameFactory
+from passes.ir.onnx_io import LoadedModel
 from passes.patterns import AttentionValueFold
 
 

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from passes.build_engine import EngineConfig, Profile, build_engine, main, prepare
-from passes.errors import SmoothQuantError
+from passes.ir.errors import SmoothQuantError
 from passes.pipeline import run_smoothquant
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None

@@ -9,9 +9,9 @@ import pytest
 from calibrators import CalibrationData, ChannelStats, collect_channel_stats
 from conftest import rel_err, run, text_like_feeds
 from passes import SmoothQuantConfig, run_smoothquant
-from passes.graph import GraphView
+from passes.ir.graph import GraphView
 from passes.linear import find_linear_ops
-from passes.onnx_io import TensorStore, load_model, save_model
+from passes.ir.onnx_io import TensorStore, load_model, save_model
 from passes.smooth import stat_targets
 
 
@@ -137,7 +137,7 @@ def test_inline_model_is_read_lazily(demo_dir, tmp_path):
     same values, same graph, calibration reads them in place, and the output stays one inline file."""
     from onnx import numpy_helper
 
-    from passes.onnx_io import LAZY_INLINE_BYTES, TensorStore
+    from passes.ir.onnx_io import LAZY_INLINE_BYTES, TensorStore
 
     src = demo_dir / "tiny_llama.onnx"
     reference = onnx.load(str(src))

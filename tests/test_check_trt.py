@@ -130,7 +130,7 @@ def test_cli(tmp_path, capsys):
 def test_pipeline_refuses_to_write_a_model_that_breaks_the_rules(demo_dir, tmp_path, monkeypatch):
     import passes.pipeline as pipeline
     from passes.check_trt import CheckReport, Violation
-    from passes.errors import SmoothQuantError
+    from passes.ir.errors import SmoothQuantError
 
     broken = CheckReport([Violation(Rule.ZERO_POINT_ZERO, "sq_q::x", "zero point 'z' is not all zero")])
     monkeypatch.setattr(pipeline, "check_graph", lambda view, opset: broken)

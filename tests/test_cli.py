@@ -144,7 +144,7 @@ def test_no_smoothable_pattern_writes_unchanged_copy(tmp_path):
 def test_missing_and_truncated_external_data(demo_dir, tmp_path):
     import onnx
 
-    from passes.onnx_io import save_model
+    from passes.ir.onnx_io import save_model
 
     folder = tmp_path / "ext"
     save_model(onnx.load(str(demo_dir / "tiny_llama.onnx")), folder / "model.onnx", None, external_data=True)

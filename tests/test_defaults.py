@@ -11,14 +11,14 @@ from calibrators.data import CalibrationData
 from conftest import run
 from models.tiny import TinyConfig, write_demo
 from passes import SmoothQuantConfig
-from passes.alpha_search import SPLIT
+from passes.search.alpha import SPLIT
 from passes.config import FAST_ALPHA, CalibrationConfig, Granularity, QuantizationConfig, SmoothingConfig, Target
-from passes.graph import GraphView
+from passes.ir.graph import GraphView
 from passes.linear import find_linear_ops
-from passes.onnx_io import TensorStore, load_model
+from passes.ir.onnx_io import TensorStore, load_model
 from passes.pipeline import run_smoothquant
 from passes.qdq import ActivationRange, per_channel_weight_scale
-from passes.sensitivity import Twin, columns_to_sample, measure_twins
+from passes.search.sensitivity import Twin, columns_to_sample, measure_twins
 from passes.smoothquant import main
 from test_quantize import held_out, row_cosine
 

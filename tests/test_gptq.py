@@ -13,9 +13,9 @@ from conftest import run
 from passes import SmoothQuantConfig
 from passes.config import (CalibrationConfig, Granularity, Precision, QuantizationConfig, SmoothingConfig, Target,
                            WeightRounding, WeightStorage)
-from passes.errors import SmoothQuantError
+from passes.ir.errors import SmoothQuantError
 from passes.gptq import gptq_round
-from passes.onnx_io import load_model
+from passes.ir.onnx_io import load_model
 from passes.pipeline import run_smoothquant
 from passes.qdq import FORMATS, per_channel_weight_scale
 from test_quantize import held_out

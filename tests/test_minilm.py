@@ -115,7 +115,7 @@ def test_calibrate_from_a_text_file(minilm, tmp_path, capsys):
     """--calib-text FILE --tokenizer DIR gives the same model as the equivalent .npz."""
     from calibrators.text import TextLayout, load_tokenizer, read_text_file, text_feeds
     from calibrators.data import model_inputs
-    from passes.onnx_io import load_model
+    from passes.ir.onnx_io import load_model
     from passes.smoothquant import main
 
     text = tmp_path / "notes.txt"

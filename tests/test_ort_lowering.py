@@ -9,8 +9,8 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from passes.graph import GraphView, ensure_opset_import
-from passes.onnx_io import LoadedModel, TensorStore
+from passes.ir.graph import GraphView, ensure_opset_import
+from passes.ir.onnx_io import LoadedModel, TensorStore
 from passes.ort_lowering import MS_DOMAIN, MS_VERSION, lower_for_onnxruntime
 
 

@@ -12,7 +12,7 @@ from onnx.reference import ReferenceEvaluator
 
 from conftest import run
 from passes.config import Granularity, Precision, QuantizationConfig, Target, WeightStorage
-from passes.errors import SmoothQuantError
+from passes.ir.errors import SmoothQuantError
 from passes.pipeline import run_smoothquant
 from plugins import schema
 from plugins.onnx_reference import CUSTOM_OPS

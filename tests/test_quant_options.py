@@ -16,7 +16,7 @@ from passes import SmoothQuantConfig
 from passes.check_trt import check_model
 from passes.config import (CalibrationConfig, Precision, QuantizationConfig, SmoothingConfig, Target, Unfoldable,
                            WeightRounding, WeightStorage)
-from passes.errors import SmoothQuantError
+from passes.ir.errors import SmoothQuantError
 from passes.patterns import FoldKind
 from passes.pipeline import run_smoothquant
 from passes.qdq import ActivationRange, per_channel_weight_scale

@@ -10,14 +10,14 @@ from onnx import numpy_helper
 
 from conftest import initializer_arrays, rel_err, run
 from passes import SmoothQuantConfig
-from passes.alpha_search import SPLIT
+from passes.search.alpha import SPLIT
 from passes.config import (CalibrationConfig, Granularity, QuantizationConfig, SmoothingConfig, Target, Unfoldable,
                            WeightRounding)
-from passes.errors import SmoothQuantError
-from passes.graph import GraphView
+from passes.ir.errors import SmoothQuantError
+from passes.ir.graph import GraphView
 from passes.linear import find_linear_ops
-from passes.naming import NameFactory
-from passes.onnx_io import TensorStore, load_model
+from passes.ir.naming import NameFactory
+from passes.ir.onnx_io import TensorStore, load_model
 from passes.patterns import FoldKind
 from passes.pipeline import run_smoothquant
 from passes.split import outlier_channels, split_outliers, splittable

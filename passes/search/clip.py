@@ -8,7 +8,7 @@ saturation of rare values for resolution of the common ones.
 For every activation group G (after its smoothing, ``s = 1`` if unsmoothed) with calibrated
 range ``[lo, hi]`` of ``X / s``, and every ratio r of the grid, the range ``[r lo, r hi]`` is
 tried (values outside saturate); each op's quantized output error is measured with FP inputs
-as in :mod:`passes.alpha_search`, and G keeps ``argmin_r E_G(r)``. r = 1 is max calibration,
+as in :mod:`passes.search.alpha`, and G keeps ``argmin_r E_G(r)``. r = 1 is max calibration,
 so the search never does worse on the calibration data. Every ratio is measured in the same pass.
 """
 
@@ -23,8 +23,8 @@ import onnx
 from calibrators.data import CalibrationData
 from calibrators.stats import ChannelStats
 from passes.config import QuantizationConfig
-from passes.onnx_io import LoadedModel
-from passes.sensitivity import Trial, measure_group_candidates
+from passes.ir.onnx_io import LoadedModel
+from passes.search.sensitivity import Trial, measure_group_candidates
 from passes.smooth import PlannedGroup, SmoothingGroup, smoothed_range
 
 DEFAULT_CLIP_GRID = (1.0, 0.7, 0.5, 0.35, 0.25, 0.15, 0.1, 0.05, 0.025)

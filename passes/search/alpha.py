@@ -7,7 +7,7 @@ first-token activation) is best served by computing those channels in FP. For ev
 candidate ``c`` of a group G (``none``, :data:`SPLIT` where G has outlier channels and the
 activations are quantized per tensor, and the α of the grid where a constant or an explicit
 Mul can take ``1/s``) the quantized error of each of G's ops is measured with FP inputs
-(:func:`passes.sensitivity.measure_twins`, trial scales, no folding)::
+(:func:`passes.search.sensitivity.measure_twins`, trial scales, no folding)::
 
     E_G(c) = Σ_{op ∈ G} mean_t |f(DQ(Q(X / s)), DQ(quant(s W))) - f(X, W)|²_t / |f(X, W)|²_t
 
@@ -31,9 +31,9 @@ import onnx
 from calibrators.data import CalibrationData
 from calibrators.stats import ChannelStats
 from passes.config import DEFAULT_ALPHA_GRID, QuantizationConfig
-from passes.graph import GraphView
-from passes.onnx_io import LoadedModel
-from passes.sensitivity import Trial, measure_group_candidates
+from passes.ir.graph import GraphView
+from passes.ir.onnx_io import LoadedModel
+from passes.search.sensitivity import Trial, measure_group_candidates
 from passes.smooth import PlannedGroup, SmoothingGroup, group_scales, smoothed_range
 from passes.split import plan_split
 
@@ -71,7 +71,7 @@ def search_alpha(model: LoadedModel, proto: onnx.ModelProto, view: GraphView, gr
     """Smoothing plan with the best candidate per group; groups best left alone (or split) come
     back skipped (with ``split=True``). ``split_ratio``: offer the split (None: never); groups
     without a fold site are measured too when they may be split. ``max_tokens``, ``sample_columns``:
-    see :func:`passes.sensitivity.measure_twins`."""
+    see :func:`passes.search.sensitivity.measure_twins`."""
     def finite(g: SmoothingGroup) -> bool:
         return g.activation in stats.amax and bool(np.all(np.isfinite(stats.amax[g.activation])))
 

@@ -28,7 +28,7 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-from passes.errors import SmoothQuantError
+from passes.ir.errors import SmoothQuantError
 
 PROTOBUF_LIMIT = 2**31 - 1
 # Write external data when tensors add up to more than this (protobuf caps a file at 2 GiB).

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from passes.onnx_io import TensorStore
+from passes.ir.onnx_io import TensorStore
 
 
 class GraphView:

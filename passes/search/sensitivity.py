@@ -36,11 +36,11 @@ from tqdm import tqdm
 from calibrators.data import CalibrationData, model_inputs
 from calibrators.minmax import inference_session
 from passes.config import Granularity, QuantizationConfig, Target
-from passes.errors import SmoothQuantError
-from passes.graph import GraphView, make_reduce
+from passes.ir.errors import SmoothQuantError
+from passes.ir.graph import GraphView, make_reduce
 from passes.linear import LinearKind, LinearOp
-from passes.naming import NameFactory
-from passes.onnx_io import LoadedModel, TensorStore
+from passes.ir.naming import NameFactory
+from passes.ir.onnx_io import LoadedModel, TensorStore
 from passes.qdq import ActivationRange, quantize_linear_ops
 from passes.split import split_outliers
 
