@@ -86,11 +86,10 @@ def quantize_per_token(view: GraphView, linear_ops: list[LinearOp], opset: int, 
             nodes = _float8_ops(view, names, scalars, tag, x, y, w_q, w_scale, bias, dtype, opset)
         plan.append((op, nodes))
         report.quantized.append(op.name)
-    for op, nodes in plan:
-        pos = list(view.graph.node).index(op.node)
-        view.graph.node.remove(op.node)
-        for k, new in enumerate(nodes):
-            view.graph.node.insert(pos + k, new)
+    view.insert([(new, op.node) for op, nodes in plan for new in nodes])  # each op's lowering in its place
+    replaced = {id(op.node) for op, _ in plan}
+    for i in reversed([i for i, n in enumerate(view.graph.node) if id(n) in replaced]):
+        del view.graph.node[i]
     view.rebuild()
     view.drop_unused_initializers()
     return report

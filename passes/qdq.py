@@ -188,8 +188,7 @@ def quantize_linear_ops(view: GraphView, linear_ops: list[LinearOp], ranges: dic
         node.input[0] = act_dq[x]
         node.input[1] = weight_dq[key]
         report.quantized.append(op.name)
-    for new, before in new_nodes:
-        view.graph.node.insert(list(view.graph.node).index(before), new)
+    view.insert(new_nodes)
     view.rebuild()
     view.drop_unused_initializers()
     return report

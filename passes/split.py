@@ -84,16 +84,15 @@ def plan_split(view: GraphView, ops: list[LinearOp], amax: np.ndarray | None, ra
 
 
 def split_outliers(view: GraphView, ops: list[LinearOp], activation: str, channels: np.ndarray,
-                   names: NameFactory) -> list[SplitOp]:
+                   names: NameFactory, *, tidy: bool = True) -> list[SplitOp]:
     """Rewrite every op of ``ops`` (all reading ``activation``; check :func:`splittable` first) as
-    ``X W_m + Gather(X, O) W[O]``. One Gather serves them all. Returns what was done, op by op."""
+    ``X W_m + Gather(X, O) W[O]``. One Gather serves them all. Returns what was done, op by op.
+    ``tidy=False``: the view is not re-indexed and the replaced weights stay; a caller splitting
+    many groups whose outputs the others do not read does both once, after its last call."""
     index = names.outlier_index(activation)
     gathered = names.outlier_channels(activation)
     view.set_initializer(index, channels.astype(np.int64))
-    first = min(list(view.graph.node).index(op.node) for op in ops)
-    view.graph.node.insert(first, helper.make_node("Gather", [activation, index], [gathered], axis=-1,
-                                                   name=names.outlier_gather(activation)))
-    done = []
+    done, placements = [], []
     for op in ops:
         node = op.node
         w = view.store.array(node.input[1])
@@ -107,24 +106,28 @@ def split_outliers(view: GraphView, ops: list[LinearOp], activation: str, channe
             masked[channels] = 0
         else:
             masked[:, channels] = 0
+        tail = _tail(view, node, rows.shape[1])  # the index is still the unedited graph's
         masked_name = names.masked_weight(node.input[1])
         view.set_initializer(masked_name, masked)
         node.input[1] = masked_name
         rows_name = names.outlier_weight(masked_name)
         view.set_initializer(rows_name, np.ascontiguousarray(rows))
-        tail = _tail(view, node, rows.shape[1])
         output = tail.output[0]
         partial = names.partial_output(output)
         tail.output[0] = partial
         product = names.outlier_product(output)
-        at = list(view.graph.node).index(tail) + 1
-        view.graph.node.insert(at, helper.make_node("MatMul", [gathered, rows_name], [product],
-                                                    name=names.outlier_matmul(output)))
-        view.graph.node.insert(at + 1, helper.make_node("Add", [partial, product], [output],
-                                                        name=names.outlier_add(output)))
-        view.rebuild()
+        placements += [(helper.make_node("MatMul", [gathered, rows_name], [product], name=names.outlier_matmul(output)),
+                        tail),
+                       (helper.make_node("Add", [partial, product], [output], name=names.outlier_add(output)), tail)]
         done.append(SplitOp(op.name, masked_name, channels))
-    view.drop_unused_initializers()
+    view.insert(placements, after=True)
+    position = {id(n): i for i, n in enumerate(view.graph.node)}
+    first = min((op.node for op in ops), key=lambda n: position[id(n)])
+    view.insert([(helper.make_node("Gather", [activation, index], [gathered], axis=-1,
+                                   name=names.outlier_gather(activation)), first)])
+    if tidy:
+        view.rebuild()
+        view.drop_unused_initializers()
     return done
 
 

@@ -70,6 +70,18 @@ class GraphView:
         if dead or unused:
             self.rebuild()
 
+    def insert(self, placements: list[tuple[onnx.NodeProto, onnx.NodeProto]], *, after: bool = False) -> None:
+        """Insert each ``(new, anchor)`` before (or after) ``anchor``, a node of the graph; nodes
+        with the same anchor keep their order. One pass over the graph, whatever the count (call
+        :meth:`rebuild` afterwards)."""
+        position = {id(n): i for i, n in enumerate(self.graph.node)}
+        by_anchor: dict[int, list[onnx.NodeProto]] = defaultdict(list)
+        for new, anchor in placements:
+            by_anchor[position[id(anchor)] + (1 if after else 0)].append(new)
+        for at in sorted(by_anchor, reverse=True):  # from the back, so earlier positions stay valid
+            for k, new in enumerate(by_anchor[at]):
+                self.graph.node.insert(at + k, new)
+
     # Constants -----------------------------------------------------------------------
 
     def constant_source(self, tensor: str) -> str | None:

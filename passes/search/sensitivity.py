@@ -139,9 +139,16 @@ def measure_twins(model: LoadedModel, proto: onnx.ModelProto, twins: Sequence[Tw
     by_name = {n.name: n for n in graph.node}  # the graph's own copies of the twins
     ops = [(t, replace(t.op, node=by_name[name], activation=by_name[name].input[0], weight=by_name[name].input[1]),
             err, ref) for t, name, err, ref in built]
+    splits: dict[tuple, list[LinearOp]] = {}  # (activation, trial) -> its split twins
     for t, op, _, _ in ops:
         if t.split is not None and len(t.split):
-            split_outliers(view, [op], op.activation, t.split, names)
+            splits.setdefault((op.activation, t.trial), []).append(op)
+    channels = {(t.op.activation, t.trial): t.split for t in twins}
+    for (activation, trial), members in splits.items():  # twins' outputs feed only their error nodes
+        split_outliers(view, members, activation, channels[(activation, trial)], names, tidy=False)
+    if splits:
+        view.rebuild()
+        view.drop_unused_initializers()
     quantized = _quantize_twins(view, ops, opset, config)
     fetch = [(t.key, err, ref) for t, op, err, ref in ops if op.name in quantized]
     del graph.output[:]
