@@ -132,9 +132,7 @@ def measure_twins(model: LoadedModel, proto: onnx.ModelProto, twins: Sequence[Tw
         channel_axis = 1 if twin.op.kind is LinearKind.CONV else -1
         err, ref = _token_error_nodes(names, reference, node.output[0], channel_axis, opset, view, inserted)
         built.append((twin, node.name, err, ref))
-    for pos in sorted(after, reverse=True):  # from the back, so earlier positions stay valid
-        for k, node in enumerate(after[pos]):
-            graph.node.insert(pos + 1 + k, node)
+    view.insert([(node, graph.node[pos]) for pos, nodes in after.items() for node in nodes], after=True)
     view.rebuild()
     by_name = {n.name: n for n in graph.node}  # the graph's own copies of the twins
     ops = [(t, replace(t.op, node=by_name[name], activation=by_name[name].input[0], weight=by_name[name].input[1]),
