@@ -30,6 +30,7 @@ class GroupResult:
     detail: str  # the fold site, or why it was skipped
     notes: tuple[str, ...] = ()
     scale_range: tuple[float, float] | None = None
+    split_channels: int = 0  # input channels computed in FP (passes.split): kind SPLIT, or smoothed and split
 
 
 @dataclass
@@ -45,10 +46,12 @@ class SmoothingReport:
 
     def summary(self) -> str:
         split = self.count(FoldKind.SPLIT)
+        both = sum(1 for g in self.smoothed if g.split_channels)
         lines = [
             f"smoothing groups: {len(self.groups)} found; {self.count(FoldKind.NORM)} folded into norm, "
             f"{self.count(FoldKind.LINEAR)} folded into linear, {self.count(FoldKind.MUL)} unfolded (explicit Mul), "
             + (f"{split} outlier channels split to FP, " if split else "") + f"{self.count(None)} skipped"
+            + (f"; {both} smoothed groups also have their outlier channels split to FP" if both else "")
         ]
         for g in self.groups:
             head = ", ".join(g.consumers[:3]) + (f" (+{len(g.consumers) - 3})" if len(g.consumers) > 3 else "")

@@ -133,6 +133,7 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
     groups = _trace_value_paths(loaded, view, groups, calib, config)
     planned, skipped, alpha_choices = _plan(loaded, view, groups, channel_stats, calib, config)
     to_split, skipped = _plan_splits(view, skipped, channel_stats, config.smoothing.split_ratio)
+    to_split += _planned_splits(view, planned, channel_stats, config.smoothing.split_ratio)
     exclude = {g.activation: idx for g, idx in to_split}
     clip_choices = []
     if not smooth_only and config.quantization.clip_grid:
@@ -144,7 +145,7 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
                                        progress=config.calibration.progress)
     report = fold_smoothing(view, planned, skipped)
     splits = _apply_splits(view, to_split, channel_stats, report)
-    _record_rescaled_outputs(loaded.proto, planned)
+    _record_rescaled_outputs(loaded.proto, planned, [g for g, _ in to_split])
     if linear_ops and config.smoothing.enabled and not any(g.site is not None for g in groups):
         messages.append(f"{loaded.path}: no smoothable pattern (norm or linear producer feeding linear ops); "
                         + ("the model is written unchanged" if smooth_only else "it is quantized unsmoothed"))
@@ -182,11 +183,14 @@ def convert_opset(loaded: LoadedModel, opset: int) -> LoadedModel:
 RESCALED_OUTPUTS_KEY = "smoothquant.rescaled_outputs"
 
 
-def _record_rescaled_outputs(model: onnx.ModelProto, planned: list[PlannedGroup]) -> None:
-    """Note in the model's metadata the linear-op outputs that smoothing divided by s (a producing
-    layer absorbed 1/s): they differ from the FP model's by design, so layer-wise comparisons skip them."""
+def _record_rescaled_outputs(model: onnx.ModelProto, planned: list[PlannedGroup],
+                             split: list[SmoothingGroup]) -> None:
+    """Note in the model's metadata the linear-op outputs that differ from the FP model's by design,
+    so layer-wise comparisons skip them: those smoothing divided by s (a producing layer absorbed
+    1/s), and the partial sums of split ops (the FP channels' term is added after them)."""
     rescaled = sorted({p.group.site.producer.node.output[0] for p in planned
-                       if isinstance(p.group.site, (LinearOutputFold, AttentionValueFold))})
+                       if isinstance(p.group.site, (LinearOutputFold, AttentionValueFold))}
+                      | {op.node.output[0] for g in split for op in g.consumers})
     for prop in list(model.metadata_props):
         if prop.key == RESCALED_OUTPUTS_KEY:
             model.metadata_props.remove(prop)
@@ -347,6 +351,20 @@ def _plan_splits(view: GraphView, skipped: list[SmoothingGroup], stats: ChannelS
     return to_split, rest
 
 
+def _planned_splits(view: GraphView, planned: list[PlannedGroup], stats: ChannelStats, ratio: float
+                    ) -> list[tuple[SmoothingGroup, np.ndarray]]:
+    """Smoothed groups the search also split (:class:`passes.search.alpha.SplitSmoothed`): the
+    outlier channels of the unsmoothed input, as the search measured them."""
+    out = []
+    for p in planned:
+        if p.group.split:
+            found = plan_split(view, list(p.group.consumers), stats.amax.get(p.group.activation), ratio)
+            if isinstance(found, str):  # the search found these channels: cannot happen
+                raise SmoothQuantError(f"{p.group.activation}: the split the search chose is gone ({found})")
+            out.append((p.group, found))
+    return out
+
+
 def _apply_splits(view: GraphView, to_split: list[tuple[SmoothingGroup, np.ndarray]], stats: ChannelStats,
                   report: SmoothingReport) -> list[SplitOp]:
     names = NameFactory(view.all_names())
@@ -355,11 +373,16 @@ def _apply_splits(view: GraphView, to_split: list[tuple[SmoothingGroup, np.ndarr
         done += split_outliers(view, list(group.consumers), group.activation, idx, names)
         amax = stats.amax[group.activation]
         rest = np.delete(amax, idx)
-        report.groups.append(GroupResult(
-            group.activation, tuple(group.consumer_names), FoldKind.SPLIT,
-            f"{len(idx)} of {amax.size} input channels computed in FP (max|X| "
-            f"{', '.join(f'{v:.3g}' for v in amax[idx][:4])}{' ...' if len(idx) > 4 else ''} vs at most "
-            f"{rest.max():.3g} for the rest; {group.skip_reason})"))
+        what = (f"{len(idx)} of {amax.size} input channels computed in FP (max|X| "
+                f"{', '.join(f'{v:.3g}' for v in amax[idx][:4])}{' ...' if len(idx) > 4 else ''} vs at most "
+                f"{rest.max():.3g} for the rest")
+        smoothed = next((i for i, r in enumerate(report.groups) if r.activation == group.activation), None)
+        if smoothed is not None:  # smoothed too (split+α): one entry per group, the split as its note
+            r = report.groups[smoothed]
+            report.groups[smoothed] = replace(r, notes=(*r.notes, f"{what})"), split_channels=len(idx))
+        else:
+            report.groups.append(GroupResult(group.activation, tuple(group.consumer_names), FoldKind.SPLIT,
+                                             f"{what}; {group.skip_reason})", split_channels=len(idx)))
     return done
 
 

@@ -137,13 +137,13 @@ def measure_twins(model: LoadedModel, proto: onnx.ModelProto, twins: Sequence[Tw
     by_name = {n.name: n for n in graph.node}  # the graph's own copies of the twins
     ops = [(t, replace(t.op, node=by_name[name], activation=by_name[name].input[0], weight=by_name[name].input[1]),
             err, ref) for t, name, err, ref in built]
-    splits: dict[tuple, list[LinearOp]] = {}  # (activation, trial) -> its split twins
+    splits: dict[tuple, tuple[Twin, list[LinearOp]]] = {}  # (activation, trial) -> a twin, the split twins
     for t, op, _, _ in ops:
         if t.split is not None and len(t.split):
-            splits.setdefault((op.activation, t.trial), []).append(op)
-    channels = {(t.op.activation, t.trial): t.split for t in twins}
-    for (activation, trial), members in splits.items():  # twins' outputs feed only their error nodes
-        split_outliers(view, members, activation, channels[(activation, trial)], names, tidy=False)
+            splits.setdefault((t.op.activation, t.trial), (t, []))[1].append(op)
+    for t, members in splits.values():  # twins' outputs feed only their error nodes
+        # members read X, or X * (1/s) with scales: the channels are the same
+        split_outliers(view, members, members[0].activation, t.split, names, tidy=False)
     if splits:
         view.rebuild()
         view.drop_unused_initializers()
