@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 import onnx.parser
@@ -12,7 +14,7 @@ from conftest import initializer_arrays, rel_err, run
 from passes import SmoothQuantConfig
 from passes.search.alpha import SPLIT, SplitSmoothed
 from passes.config import (CalibrationConfig, Granularity, QuantizationConfig, SmoothingConfig, Target, Unfoldable,
-                           WeightRounding)
+                           Precision, WeightRounding)
 from passes.ir.errors import SmoothQuantError
 from passes.ir.graph import GraphView
 from passes.linear import find_linear_ops
@@ -274,3 +276,16 @@ def test_search_combines_the_split_with_smoothing_where_both_pay(tmp_path):
     assert not isinstance(no_split.alpha_choices[0].alpha, SplitSmoothed)
     err = rel_err(ref, run(tmp_path / "q.onnx", feeds))
     assert err < 0.5 * rel_err(ref, run(tmp_path / "a.onnx", feeds)), err
+
+
+def test_split_with_smoothing_is_offered_to_int8_for_tensorrt_only(tmp_path):
+    """FP8 keeps ordinary channels' precision beside a large one; ONNX Runtime pays for every split
+    op: neither is offered split+α (the plain split stays a candidate)."""
+    path, _ = gelu_mlp(tmp_path)
+    for name, q in (("fp8", QuantizationConfig(precision=Precision.FP8)),
+                    ("ort", QuantizationConfig(target=Target.ONNXRUNTIME))):
+        result = run_smoothquant(path, tmp_path / f"{name}.onnx", config=SmoothQuantConfig(
+            SmoothingConfig(unfoldable=Unfoldable.SPLIT), QUIET,
+            replace(q, weight_rounding=WeightRounding.NEAREST)))
+        errors = result.alpha_choices[0].errors
+        assert SPLIT in errors and not any(isinstance(c, SplitSmoothed) for c in errors), (name, errors)
