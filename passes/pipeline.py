@@ -132,8 +132,7 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
             channel_stats.save(stats_out)
     groups = _trace_value_paths(loaded, view, groups, calib, config)
     planned, skipped, alpha_choices = _plan(loaded, view, groups, channel_stats, calib, config)
-    to_split, skipped = _plan_splits(view, skipped, channel_stats, config.smoothing.split_ratio)
-    to_split += _planned_splits(view, planned, channel_stats, config.smoothing.split_ratio)
+    to_split, skipped = _plan_splits(view, skipped, planned, channel_stats, config.smoothing.split_ratio)
     exclude = {g.activation: idx for g, idx in to_split}
     clip_choices = []
     if not smooth_only and config.quantization.clip_grid:
@@ -334,41 +333,32 @@ def tensor_ranges_after_smoothing(groups: list[SmoothingGroup], planned: list[Pl
     return ranges
 
 
-def _plan_splits(view: GraphView, skipped: list[SmoothingGroup], stats: ChannelStats, ratio: float
-                 ) -> tuple[list[tuple[SmoothingGroup, np.ndarray]], list[SmoothingGroup]]:
-    """Unsmoothed groups marked for a split whose input has outlier channels (and ops that allow
-    it); the other groups stay skipped, with the reason."""
+def _plan_splits(view: GraphView, skipped: list[SmoothingGroup], planned: list[PlannedGroup], stats: ChannelStats,
+                 ratio: float) -> tuple[list[tuple[SmoothingGroup, np.ndarray]], list[SmoothingGroup]]:
+    """The groups marked for a split, with their outlier channels: unsmoothed ones (``skipped``) and
+    smoothed ones the search also split (split+α, ``planned``). A skipped group whose input has no
+    outlier channels (or whose ops forbid the split) stays skipped, with the reason; the others
+    in ``skipped`` come back as they are."""
     to_split, rest = [], []
-    for group in skipped:
+    for group, smoothed in [(g, False) for g in skipped] + [(p.group, True) for p in planned]:
         if not group.split:
-            rest.append(group)
+            rest += [] if smoothed else [group]
             continue
         found = plan_split(view, list(group.consumers), stats.amax.get(group.activation), ratio)
-        if isinstance(found, str):
-            rest.append(replace(group, split=False, skip_reason=f"{group.skip_reason}; {found}"))
-        else:
+        if not isinstance(found, str):
             to_split.append((group, found))
+        elif smoothed:  # the search measured these very channels: cannot happen
+            raise SmoothQuantError(f"{group.activation}: the split the search chose is gone ({found})")
+        else:
+            rest.append(replace(group, split=False, skip_reason=f"{group.skip_reason}; {found}"))
     return to_split, rest
-
-
-def _planned_splits(view: GraphView, planned: list[PlannedGroup], stats: ChannelStats, ratio: float
-                    ) -> list[tuple[SmoothingGroup, np.ndarray]]:
-    """Smoothed groups the search also split (:class:`passes.search.alpha.SplitSmoothed`): the
-    outlier channels of the unsmoothed input, as the search measured them."""
-    out = []
-    for p in planned:
-        if p.group.split:
-            found = plan_split(view, list(p.group.consumers), stats.amax.get(p.group.activation), ratio)
-            if isinstance(found, str):  # the search found these channels: cannot happen
-                raise SmoothQuantError(f"{p.group.activation}: the split the search chose is gone ({found})")
-            out.append((p.group, found))
-    return out
 
 
 def _apply_splits(view: GraphView, to_split: list[tuple[SmoothingGroup, np.ndarray]], stats: ChannelStats,
                   report: SmoothingReport) -> list[SplitOp]:
     names = NameFactory(view.all_names())
     done = []
+    reported = {r.activation: i for i, r in enumerate(report.groups)}  # the smoothed groups fold_smoothing reported
     for group, idx in to_split:
         done += split_outliers(view, list(group.consumers), group.activation, idx, names)
         amax = stats.amax[group.activation]
@@ -376,10 +366,10 @@ def _apply_splits(view: GraphView, to_split: list[tuple[SmoothingGroup, np.ndarr
         what = (f"{len(idx)} of {amax.size} input channels computed in FP (max|X| "
                 f"{', '.join(f'{v:.3g}' for v in amax[idx][:4])}{' ...' if len(idx) > 4 else ''} vs at most "
                 f"{rest.max():.3g} for the rest")
-        smoothed = next((i for i, r in enumerate(report.groups) if r.activation == group.activation), None)
-        if smoothed is not None:  # smoothed too (split+α): one entry per group, the split as its note
-            r = report.groups[smoothed]
-            report.groups[smoothed] = replace(r, notes=(*r.notes, f"{what})"), split_channels=len(idx))
+        if group.activation in reported:  # smoothed too (split+α): one entry per group, the split as its note
+            i = reported[group.activation]
+            report.groups[i] = replace(report.groups[i], notes=(*report.groups[i].notes, f"{what})"),
+                                       split_channels=len(idx))
         else:
             report.groups.append(GroupResult(group.activation, tuple(group.consumer_names), FoldKind.SPLIT,
                                              f"{what}; {group.skip_reason})", split_channels=len(idx)))

@@ -54,9 +54,10 @@ def get_parser() -> argparse.ArgumentParser:
                    help="groups no constant can absorb (or only by breaking a runtime fusion, like GELU's scalar "
                         "under --target onnxruntime): skip them, insert one explicit Mul, or split: quantize them "
                         "unsmoothed with their few outlier channels computed in FP. auto: split with --alpha auto "
-                        "(the search keeps the split or no smoothing, whichever measures better, and offers the split, "
-                        "alone and combined with each α, to every group with outlier channels) and for --target onnxruntime; else skip, or mul where a "
-                        "fusion is the only obstacle. An explicit skip or mul takes the split out of the search")
+                        "(the search keeps the split or no smoothing, whichever measures better, and offers the split "
+                        "to every group with outlier channels; for INT8 on TensorRT also combined with the upper half "
+                        "of --alpha-grid) and for --target onnxruntime; else skip, or mul where a fusion is the only "
+                        "obstacle. An explicit skip or mul takes the split out of the search")
     p.add_argument("--split-ratio", type=float, default=SmoothingConfig.split_ratio, metavar="R",
                    help="with split: a channel is an outlier if its calibrated max|X| exceeds R times the 99th "
                         "percentile over the channels")

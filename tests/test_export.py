@@ -34,3 +34,13 @@ def test_every_model_has_text_sets_and_a_task():
     assert set(DEFAULT_SETS) == set(EXPORTERS) and set(ENCODERS) <= set(EXPORTERS)
     with pytest.raises(SmoothQuantError, match="unknown model 'nope'"):
         export("nope", __import__("pathlib").Path("."))
+
+
+def test_a_failed_assembly_leaves_no_file(tmp_path):
+    parts = [("blob-part-0", "1.0", "blob_part_0/data/a"), ("blob-part-1", "1.0", "blob_part_1/data/b")]
+    make_wheel(tmp_path, "blob-part-0", "1.0", {"blob_part_0/data/a": b"abc"})
+    make_wheel(tmp_path, "blob-part-1", "1.0", {"blob_part_1/data/other": b"x"})  # the member is missing
+    target = tmp_path / "blob" / "blob.bin"
+    with pytest.raises(KeyError):
+        _cached(target, parts, tmp_path)
+    assert not target.exists() and not list(target.parent.iterdir())
