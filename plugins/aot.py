@@ -21,10 +21,9 @@ of the sizes, which :mod:`plugins.trt_plugins` turns into ``trtp.KernelLaunchPar
 ``trtp.SymIntExprs``, and which the GPU tests launch through the CUDA driver (CuPy) with the
 same arguments in the same order, as TensorRT would.
 
-Shared memory: a kernel needing more than 48 KiB of dynamic shared memory must be opted in
-(``cuFuncSetAttribute``) by whoever launches it. TensorRT's documentation does not say that its
-AOT launcher does, so :data:`LINEAR_TACTICS` keeps to tiles that fit 48 KiB unless
-``SMOOTHQUANT_AOT_LARGE_SMEM=1`` is set (then the large tiles of the JIT kernel are offered too).
+Tiles and tactics: :mod:`plugins.tiles` (no Triton needed there). The kernels are compiled for the
+current GPU, or for ``sm_$SMOOTHQUANT_AOT_ARCH`` when set: Triton needs no GPU for that, which is how
+the plugin tests check the PTX on a CPU machine.
 """
 
 from __future__ import annotations
@@ -37,9 +36,13 @@ import triton
 import triton.language as tl
 
 from plugins.ptx import strip_unused_trailing_params
+from plugins.tiles import DEFAULT_SHARED_LIMIT, LARGE_TILES, LINEAR_TACTICS, SMALL_TILES, Tile, tactic_tile
 from plugins.triton_kernels import _gemm_tile, _quantize_rows, row_tile
 
-DEFAULT_SHARED_LIMIT = 48 * 1024
+ARCH_ENV = "SMOOTHQUANT_AOT_ARCH"  # e.g. 90: compile for sm_90 instead of the current device
+
+__all__ = ["ARCH_ENV", "AotKernel", "DEFAULT_SHARED_LIMIT", "LARGE_TILES", "LINEAR_TACTICS", "SMALL_TILES", "Tile",
+           "driver_launch", "linear_kernel", "quantize_kernel", "tactic_tile"]
 
 
 @dataclass(frozen=True)
@@ -48,22 +51,6 @@ class AotKernel:
     ptx: str
     threads: int  # per block (block_x)
     shared: int  # dynamic shared memory, bytes
-
-
-@dataclass(frozen=True)
-class Tile:
-    block_m: int
-    block_n: int
-    block_k: int
-    warps: int
-    stages: int
-
-
-SMALL_TILES = (Tile(128, 128, 64, 8, 3), Tile(128, 128, 64, 4, 2), Tile(64, 128, 128, 4, 2), Tile(128, 64, 128, 4, 2),
-                Tile(64, 64, 128, 4, 3))
-LARGE_TILES = (Tile(128, 256, 128, 8, 3), Tile(128, 128, 128, 8, 4), Tile(256, 128, 128, 8, 3))
-# TensorRT's tactic i (1-based) is LINEAR_TACTICS[i - 1].
-LINEAR_TACTICS = SMALL_TILES + (LARGE_TILES if os.environ.get("SMOOTHQUANT_AOT_LARGE_SMEM") == "1" else ())
 
 
 @triton.jit
@@ -88,11 +75,6 @@ def quantize_kernel(x_type: str, k: int, fp8: bool, arch: int | None = None) -> 
     return kernel, lambda rows: rows
 
 
-def tactic_tile(tactic: int) -> Tile:
-    """TensorRT's tactic (1-based; 0 means the default, the first) as a tile of :data:`LINEAR_TACTICS`."""
-    return LINEAR_TACTICS[max(tactic, 1) - 1]
-
-
 def linear_kernel(n: int, k: int, fp8: bool, out_type: str, tile: Tile = LINEAR_TACTICS[0], *, precise: bool = False,
                   arch: int | None = None) -> tuple[AotKernel, Callable[[int], int]]:
     """``out_type``: ``fp16``, ``bf16`` or ``fp32``. Returns the kernel and ``grid(M)`` (M an int,
@@ -115,7 +97,8 @@ def _compile(fn, signature: dict[str, str], constexprs: dict, warps: int, stages
     full = {name: signature.get(name, "constexpr") for name in names}
     pointers = {(names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items() if t.startswith("*")}
     source = triton.compiler.ASTSource(fn=fn, signature=full, constexprs=constexprs, attrs=pointers)
-    target = GPUTarget("cuda", arch, 32) if arch is not None else None
+    arch = arch if arch is not None else int(os.environ.get(ARCH_ENV, "0")) or None
+    target = GPUTarget("cuda", arch, 32) if arch is not None else None  # None: the current device's
     compiled = triton.compile(source, target=target, options={"num_warps": warps, "num_stages": stages})
     meta = compiled.metadata
     for scratch in ("global_scratch_size", "profile_scratch_size"):
