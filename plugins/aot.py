@@ -97,7 +97,7 @@ def _compile(fn, signature: dict[str, str], constexprs: dict, warps: int, stages
     full = {name: signature.get(name, "constexpr") for name in names}
     pointers = {(names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items() if t.startswith("*")}
     source = triton.compiler.ASTSource(fn=fn, signature=full, constexprs=constexprs, attrs=pointers)
-    arch = arch if arch is not None else int(os.environ.get(ARCH_ENV, "0")) or None
+    arch = arch if arch is not None else int(os.environ.get(ARCH_ENV) or 0) or None
     target = GPUTarget("cuda", arch, 32) if arch is not None else None  # None: the current device's
     compiled = triton.compile(source, target=target, options={"num_warps": warps, "num_stages": stages})
     meta = compiled.metadata

@@ -16,10 +16,12 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 from passes.config import Granularity, Precision, Target
 from passes.pipeline import run_smoothquant
 from plugins import schema, tiles
+from plugins.onnx_reference import CUSTOM_OPS
 from test_quant_options import config
 from trt_harness import VERSIONS, numpy1, run_driver
 
@@ -41,7 +43,7 @@ def two_layer_model(path):
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", K1])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", N2])],
                               [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"))])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), str(path))
     feeds = [{"x": rng.normal(size=(2, 8, K1)).astype(np.float32)} for _ in range(2)]
     return feeds
 
@@ -75,9 +77,23 @@ def plugin_spec(model: onnx.ModelProto) -> dict:
                   "value": (a.s.decode() if a.type == onnx.AttributeProto.STRING else helper.get_attribute_value(a))}
                  for a in node.attribute]
         nodes.append({"op": node.op_type, "domain": node.domain, "attrs": attrs,
-                      "inputs": [{"dtype": _TRT_TYPE[tensors[i][0]], "shape": tensors[i][1]} for i in node.input],
-                      "outputs": [{"dtype": _TRT_TYPE[tensors[o][0]], "shape": tensors[o][1]} for o in node.output]})
+                      "inputs": [{"name": i, "dtype": _TRT_TYPE[tensors[i][0]], "shape": tensors[i][1]}
+                                 for i in node.input],
+                      "outputs": [{"name": o, "dtype": _TRT_TYPE[tensors[o][0]], "shape": tensors[o][1]}
+                                  for o in node.output]})
     return {"nodes": nodes}
+
+
+def reference_values(model: onnx.ModelProto, path, x: np.ndarray) -> dict:
+    """Every tensor of the plugin nodes at one input, by ``onnx.reference`` with the custom ops (for
+    ``--run``); 1-byte codes saved as int8."""
+    names = sorted({t for n in model.graph.node if n.domain == schema.DOMAIN for t in (*n.input, *n.output)})
+    got = ReferenceEvaluator(model, new_ops=CUSTOM_OPS).run(names, {"x": x})
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    arrays = {n: (inits[n] if n in inits else v) for n, v in zip(names, got)}
+    dtypes = {n: "FP8" for n, a in arrays.items() if a.dtype.itemsize == 1 and a.dtype != np.int8}
+    np.savez(path, **{n: (a.view(np.int8) if a.dtype.itemsize == 1 else a) for n, a in arrays.items()})
+    return {"values": str(path), "value_dtypes": dtypes}
 
 
 @pytest.fixture(scope="module", params=list(Precision), ids=lambda p: p.value)
@@ -86,8 +102,11 @@ def spec(request, tmp_path_factory):
     feeds = two_layer_model(tmp / "m.onnx")
     cfg = config(granularity=Granularity.PER_TOKEN, target=Target.TENSORRT, precision=request.param)
     run_smoothquant(tmp / "m.onnx", tmp / "pt.onnx", calib=feeds, config=cfg)
+    model = onnx.load(str(tmp / "pt.onnx"))
+    x = np.random.default_rng(1).normal(size=(3, 5, K1)).astype(np.float32)  # the driver's SIZES
+    x[1, 2] *= 40  # one loud token
     path = tmp / "spec.json"
-    path.write_text(json.dumps(plugin_spec(onnx.load(str(tmp / "pt.onnx")))))
+    path.write_text(json.dumps({**plugin_spec(model), **reference_values(model, tmp / "values.npz", x)}))
     return request.param, path
 
 
@@ -169,3 +188,40 @@ def test_aot_launch_parameters_and_kernels(spec, version):
         assert (k["name"], k["params"], k["scalars"]) == (kernel.name, 5 + 1 + 1, [m])
         assert k["launch"]["grid_x"] == grid(m) and k["launch"]["block_x"] == kernel.threads
         assert k["launch"]["shared_mem"] == kernel.shared <= tiles.DEFAULT_SHARED_LIMIT
+
+
+def _cuda() -> bool:
+    if not HAVE_TRITON or importlib.util.find_spec("cupy") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU with Triton and CuPy")
+@pytest.mark.parametrize("impl", ["jit", "aot"])
+def test_plugins_run_on_a_gpu_as_tensorrt_runs_them(spec, impl):
+    """The built plugins executed: JIT through ``enqueue`` with device buffers (FP8 codes included),
+    AOT by launching ``get_kernel``'s PTX with ``get_launch_params``' values, every tactic; each node's
+    outputs against ``onnx.reference`` with the custom ops."""
+    precision, path = spec
+    report = _checked(run_driver(VERSIONS[-1], path, impl, run=True))
+    runs = report["run"]
+    assert len(runs) == (4 if impl == "jit" else 2 + 2 * len(_fitting(precision, VERSIONS[-1])))
+    for r in runs:
+        assert all(e < (1e-2 if "_q" in name else 1e-3) for name, e in r["errors"].items()), r
+
+
+def test_jit_buffers_of_every_type(spec):
+    """tensorrt.plugin.Tensor refuses FP8 and BF16 in ``__cuda_array_interface__`` (NumPy has no such
+    types): the JIT kernels would fail on an FP8 model's codes. plugins.trt_jit describes any buffer."""
+    report = _checked(run_driver(VERSIONS[-1], spec[1], "jit", interface=True))
+    got = report["interface"]
+    for name in ("FP8", "BF16"):
+        assert got[name]["tensorrt"].startswith("ValueError") and "not supported" in got[name]["tensorrt"]
+    for name, size, typestr in (("FP8", 1, "|i1"), ("BF16", 2, "<i2"), ("HALF", 2, "<i2"), ("FLOAT", 4, "<i4"),
+                                ("INT8", 1, "|i1")):
+        ours = got[name]["ours"]
+        assert (ours["shape"], ours["typestr"], ours["data"]) == ([3, 5, 32], typestr, [1 << 20, False])
+        assert ours["strides"] == [160 * size, 32 * size, size]
+    assert got["HALF"]["tensorrt"]["strides"] == got["HALF"]["ours"]["strides"]  # same layout as TensorRT's own

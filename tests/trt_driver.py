@@ -140,7 +140,8 @@ def ptx_entry(ptx: str, name: str) -> list[str]:
     return [p.split()[1] for p in match.group(1).split(",") if p.strip()]
 
 
-def build(trt, node: dict, impl: str) -> dict:
+def build(trt, node: dict, impl: str) -> tuple[dict, object, dict]:
+    """The report, the configured plugin, and per tactic the AOT kernel (name, PTX, launch values)."""
     plugin, fields, creator = create_plugin(trt, node, impl)
     op, ins, outs = node["op"], node["inputs"], node["outputs"]
     report = {"op": op, "fields": {f.name: [f.type.name, f.data.tolist()] for f in fields},
@@ -170,11 +171,13 @@ def build(trt, node: dict, impl: str) -> dict:
     check(all(isinstance(t, int) and t > 0 for t in tactics) and len(set(tactics)) == len(tactics),
           f"{op}: custom tactics must be unique positive integers, got {tactics}")
     report["tactics"] = sorted(tactics)
-    report["kernels"] = []
+    report["kernels"], kernels = [], {}
     for tactic in tactics or [0]:
         plugin.set_tactic(tactic)
         if hasattr(plugin, "get_launch_params"):
-            report["kernels"].append(aot_launch(trt, plugin, node, tactic, builder, in_out))
+            launch, ptx = aot_launch(trt, plugin, node, tactic, builder, in_out)
+            report["kernels"].append(launch)
+            kernels[tactic] = (launch, ptx)
     if not hasattr(plugin, "get_launch_params"):  # JIT: the engine stores these fields
         serialized = plugin.get_fields_to_serialize()
         again = creator.create_plugin(op, node_namespace(node), serialized, trt.TensorRTPhase.RUNTIME,
@@ -183,7 +186,7 @@ def build(trt, node: dict, impl: str) -> dict:
               == [t["dtype"] for t in outs], f"{op}: the plugin re-created from its serialized fields differs")
         report["serialized"] = {f.name: f.data.tolist() for f in serialized}
     plugin.clone()
-    return report
+    return report, plugin, kernels
 
 
 def node_namespace(node: dict) -> str:
@@ -216,9 +219,30 @@ def aot_launch(trt, plugin, node: dict, tactic: int, builder, in_out) -> dict:
         sym = extra[i]
         check(sym.dtype == trt.PluginArgDataType.INT32, f"{op}: extra argument {i} is {sym.dtype}, not INT32")
         scalars.append(sym.expr.evaluate(SIZES))
-    ptype = re.search(r"\.target\s+(\S+)", ptx.decode())
+    target = re.search(r"\.target\s+(\S+)", ptx.decode())
     return {"tactic": tactic, "name": name, "params": len(params), "launch": values, "scalars": scalars,
-            "target": ptype.group(1) if ptype else None, "ptx": ptx.decode() if "--keep-ptx" in sys.argv else None}
+            "target": target.group(1) if target else None}, ptx
+
+
+def tensor_interface(trt, trtp) -> dict:
+    """A ``tensorrt.plugin.Tensor`` made as ``enqueue`` makes one, per type the plugins see: its own
+    ``__cuda_array_interface__`` and :func:`plugins.trt_jit.cuda_array_interface`."""
+    from plugins.trt_jit import cuda_array_interface  # noqa: PLC0415
+
+    out = {}
+    for dtype in (trt.fp8, trt.bfloat16, trt.float16, trt.float32, trt.int8):
+        desc = trt.PluginTensorDesc()
+        desc.dims, desc.type, desc.format = trt.Dims((3, 5, 32)), dtype, trt.TensorFormat.LINEAR
+        t = trtp.Tensor()
+        t.dtype, t.shape, t.format, t.scale = desc.type, trtp.Shape(desc), desc.format, desc.scale
+        t.data_ptr, t._stream, t._read_only, t.strides = 1 << 20, 7, True, trt.Dims((160, 32, 1))
+        t._immutable = True
+        try:
+            theirs = t.__cuda_array_interface__
+        except ValueError as e:
+            theirs = f"ValueError: {e}"
+        out[dtype.name] = {"tensorrt": theirs, "ours": cuda_array_interface(t)}
+    return out
 
 
 def main(argv: list[str]) -> int:
@@ -235,12 +259,14 @@ def main(argv: list[str]) -> int:
                               for c in trt.get_plugin_registry().all_creators},
               "nodes": []}
     try:
-        for node in spec["nodes"]:
-            report["nodes"].append(build(trt, node, impl))
+        built = [build(trt, node, impl) for node in spec["nodes"]]
+        report["nodes"] = [b[0] for b in built]
+        if "--interface" in argv:
+            report["interface"] = tensor_interface(trt, trtp)
         if "--run" in argv:
-            from trt_run import run_on_gpu  # noqa: PLC0415
+            from trt_run import run_on_gpu  # noqa: PLC0415 - torch with CUDA, Triton, CuPy
 
-            report["run"] = run_on_gpu(trt, trtp, spec, impl, report)
+            report["run"] = run_on_gpu(trt, spec, impl, [(node, b[1], b[2]) for node, b in zip(spec["nodes"], built)])
     except CheckFailed as e:
         print(json.dumps(report, default=str))
         print(f"FAILED: {e}", file=sys.stderr)

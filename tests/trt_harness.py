@@ -69,14 +69,17 @@ class DriverRun:
     stderr: str
 
 
-def run_driver(version: str, spec: Path, impl: str, *, numpy_dir: Path | None = None, run: bool = False) -> DriverRun:
+def run_driver(version: str, spec: Path, impl: str, *, numpy_dir: Path | None = None, run: bool = False,
+               interface: bool = False) -> DriverRun:
     """``tests/trt_driver.py`` in a child interpreter with ``tensorrt`` = the wheel's layer of ``version``."""
     path = [str(plugin_layer(version)), str(REPO), str(REPO / "tests")]
     if numpy_dir is not None:
         path.insert(0, str(numpy_dir))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "TRT_STANDIN_VERSION": version,
-           "SMOOTHQUANT_AOT_ARCH": os.environ.get("SMOOTHQUANT_AOT_ARCH", "" if run else "90")}
-    cmd = [sys.executable, str(REPO / "tests" / "trt_driver.py"), str(spec), impl] + (["--run"] if run else [])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "TRT_STANDIN_VERSION": version}
+    if not run:  # no GPU to ask: compile the AOT kernels for sm_90 (H100/H200)
+        env.setdefault("SMOOTHQUANT_AOT_ARCH", "90")
+    cmd = [sys.executable, str(REPO / "tests" / "trt_driver.py"), str(spec), impl]
+    cmd += (["--run"] if run else []) + (["--interface"] if interface else [])
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     try:
         report = json.loads(done.stdout.strip().splitlines()[-1]) if done.stdout.strip() else {}
