@@ -155,6 +155,36 @@ def import_tensorrt():
         raise SmoothQuantError(INSTALL_HINT) from None
 
 
+def import_plugin_modules(modules: Sequence[str]) -> None:
+    """Import each module (its ``tensorrt.plugin`` decorators register its ops); a failure is one line."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as e:  # noqa: BLE001 - any import-time failure of a plugin module
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise SmoothQuantError(f"--python-plugins {module}: importing it failed ({type(e).__name__}: {detail})"
+                                   ) from None
+
+
+def network_flags(trt, impl: PluginImpl, python_plugins: bool) -> int:
+    """``Builder.create_network`` flags. Strongly typed on TensorRT 10 (11 always is: the flag is
+    deprecated and ignored there, so it is not set); with Python plugins, the AOT or JIT preference
+    TensorRT needs for a plugin that has both (``PREFER_*_PYTHON_PLUGINS``, TensorRT >= 10.9).
+    Enum values differ between 10.x and 11.x (NvInfer.h), so they are read from ``trt``."""
+    flag = trt.NetworkDefinitionCreationFlag
+    flags = 0
+    if int(trt.__version__.split(".")[0]) < 11:
+        flags |= 1 << flag.STRONGLY_TYPED.value
+    if python_plugins:
+        prefer = "PREFER_AOT_PYTHON_PLUGINS" if impl is PluginImpl.AOT else "PREFER_JIT_PYTHON_PLUGINS"
+        if hasattr(flag, prefer):
+            flags |= 1 << getattr(flag, prefer).value
+        elif impl is PluginImpl.AOT:
+            raise SmoothQuantError(f"TensorRT {trt.__version__} has no AOT Python plugins (10.9 or newer does): "
+                                   f"use --plugin-impl jit")
+    return flags
+
+
 def prepare(model: str | os.PathLike | LoadedModel, engine: str | os.PathLike,
             config: EngineConfig = EngineConfig()) -> tuple[LoadedModel, str]:
     """Everything up to the build, without TensorRT: load, rule check, profiles, trtexec command."""
@@ -191,17 +221,9 @@ def build_prepared(loaded: LoadedModel, engine: str | os.PathLike, config: Engin
     modules = list(config.python_plugins)
     if any(n.domain == schema.DOMAIN for n in loaded.proto.graph.node) and PLUGINS_MODULE not in modules:
         modules.append(PLUGINS_MODULE)  # per-token models need our plugins
-    for module in modules:
-        importlib.import_module(module)  # registers its ops through tensorrt.plugin decorators
+    import_plugin_modules(modules)
     builder = trt.Builder(logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    if modules:  # a plugin with both implementations needs a preference, or TensorRT refuses it
-        prefer = "PREFER_AOT_PYTHON_PLUGINS" if config.plugin_impl is PluginImpl.AOT else "PREFER_JIT_PYTHON_PLUGINS"
-        if hasattr(trt.NetworkDefinitionCreationFlag, prefer):  # TensorRT >= 10.9
-            flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, prefer))
-        elif config.plugin_impl is PluginImpl.AOT:
-            raise SmoothQuantError(f"TensorRT {trt.__version__} has no AOT Python plugins (10.9 or newer does): "
-                                   f"use --plugin-impl jit")
+    flags = network_flags(trt, config.plugin_impl, bool(modules))
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(loaded.path)):

@@ -96,3 +96,38 @@ def test_build_engine_with_tensorrt(quantized_bert, tmp_path):
     cache = tmp_path / "timing.cache"
     result = build_engine(quantized_bert, tmp_path / "e.plan", EngineConfig(BERT_PROFILES, timing_cache=cache))
     assert result.engine.stat().st_size > 0 and cache.stat().st_size > 0
+
+
+def test_a_plugin_module_that_fails_to_import_is_one_line():
+    from passes.build_engine import import_plugin_modules
+
+    with pytest.raises(SmoothQuantError, match=r"^--python-plugins no_such_plugins: importing it failed "
+                                               r"\(ModuleNotFoundError: No module named 'no_such_plugins'\)$"):
+        import_plugin_modules(["no_such_plugins"])
+
+
+@pytest.mark.parametrize("version, aot, jit, none", [
+    ("10.8.0.43", None, 1 << 1, 1 << 1),  # STRONGLY_TYPED = 1; no AOT plugins, no preference flags
+    ("10.16.1.11", 1 << 1 | 1 << 3, 1 << 1 | 1 << 2, 1 << 1),  # STRONGLY_TYPED 1, PREFER_JIT 2, PREFER_AOT 3
+    ("11.4.0.106", 1 << 2, 1 << 1, 0),  # strongly typed always (flag ignored, not set); PREFER_JIT 1, PREFER_AOT 2
+])
+def test_network_flags_per_tensorrt_version(version, aot, jit, none):
+    """The flags ``create_network`` gets, with the enum of each version (values from NvInfer.h 10.16
+    and 11.1, as tests/trt_standin.py has them) and TensorRT's own ``__init__``."""
+    from trt_harness import run_python
+
+    code = ("import tensorrt as trt\nfrom passes.build_engine import PluginImpl, network_flags\n"
+            "from passes.ir.errors import SmoothQuantError\n"
+            "for impl in PluginImpl:\n"
+            "    try:\n        print(impl.value, network_flags(trt, impl, True))\n"
+            "    except SmoothQuantError as e:\n        print(impl.value, 'error:', e)\n"
+            "print('none', network_flags(trt, PluginImpl.AOT, False))\n")
+    done = run_python(version, code)
+    assert done.returncode == 0, done.stderr
+    got = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    assert got["jit"] == str(jit) and got["none"] == str(none)
+    if aot is None:
+        assert got["aot"].startswith("error: TensorRT 10.8.0.43 has no AOT Python plugins")
+        assert "--plugin-impl jit" in got["aot"]
+    else:
+        assert got["aot"] == str(aot)

@@ -167,9 +167,10 @@ def test_numpy1(spec):
 @pytest.mark.skipif(not HAVE_TRITON, reason="Triton compiles the AOT kernels (pip install triton)")
 @pytest.mark.parametrize("version", VERSIONS[1:])
 def test_aot_launch_parameters_and_kernels(spec, version):
-    """AOT: for every tactic, the PTX entry TensorRT will load takes exactly its arguments (inputs,
-    extra int32 scalars, outputs), and the launch expressions evaluate, at batch 3 x seq 5, to the
-    grid, block and shared memory of that kernel."""
+    """AOT: for every tactic, the PTX (sm_90, compiled by Triton on this CPU) has the entry TensorRT will
+    launch, taking exactly its arguments in its order (input pointers, extra int32 scalars, output
+    pointers), and the launch expressions evaluate, at batch 3 x seq 5, to the grid, block and shared
+    memory of that kernel."""
     from plugins import aot
 
     precision, path = spec
@@ -179,13 +180,14 @@ def test_aot_launch_parameters_and_kernels(spec, version):
     assert quantize["kind"] == linear["kind"] == "_TemplateAOTPlugin"
     [qk] = quantize["kernels"]
     kernel, grid = aot.quantize_kernel("fp32", K1, fp8, arch=90)
-    assert (qk["name"], qk["params"], qk["scalars"], qk["target"]) == (kernel.name, 3, [], "sm_90a")
+    assert (qk["name"], qk["params"], qk["scalars"], qk["target"]) == (kernel.name, ["u64"] * 3, [], "sm_90a")
     assert qk["launch"] == {"grid_x": grid(m), "grid_y": 1, "grid_z": 1, "block_x": kernel.threads, "block_y": 1,
                             "block_z": 1, "shared_mem": kernel.shared}
     assert [k["tactic"] for k in linear["kernels"]] == _fitting(precision, version) == [2, 3, 4, 5]
     for k in linear["kernels"]:
         kernel, grid = aot.linear_kernel(N1, K1, fp8, "fp32", tiles.tactic_tile(k["tactic"]), arch=90)
-        assert (k["name"], k["params"], k["scalars"]) == (kernel.name, 5 + 1 + 1, [m])
+        # q, x_scale, w, w_scale, bias pointers; M as int32; y pointer
+        assert (k["name"], k["params"], k["scalars"]) == (kernel.name, ["u64"] * 5 + ["u32", "u64"], [m])
         assert k["launch"]["grid_x"] == grid(m) and k["launch"]["block_x"] == kernel.threads
         assert k["launch"]["shared_mem"] == kernel.shared <= tiles.DEFAULT_SHARED_LIMIT
 

@@ -135,9 +135,10 @@ def plugin_desc(trt, tensor: dict, sizes: dict):
 
 
 def ptx_entry(ptx: str, name: str) -> list[str]:
+    """The entry's parameter types in order (``u64`` pointers, ``u32`` scalars)."""
     match = re.search(rf"\.entry\s+{re.escape(name)}\s*\(([^)]*)\)", ptx, re.S)
     check(match is not None, f"kernel entry {name!r} is not in the PTX TensorRT would load")
-    return [p.split()[1] for p in match.group(1).split(",") if p.strip()]
+    return [p.split()[1].lstrip(".") for p in match.group(1).split(",") if p.strip()]
 
 
 def build(trt, node: dict, impl: str) -> tuple[dict, object, dict]:
@@ -220,7 +221,7 @@ def aot_launch(trt, plugin, node: dict, tactic: int, builder, in_out) -> dict:
         check(sym.dtype == trt.PluginArgDataType.INT32, f"{op}: extra argument {i} is {sym.dtype}, not INT32")
         scalars.append(sym.expr.evaluate(SIZES))
     target = re.search(r"\.target\s+(\S+)", ptx.decode())
-    return {"tactic": tactic, "name": name, "params": len(params), "launch": values, "scalars": scalars,
+    return {"tactic": tactic, "name": name, "params": params, "launch": values, "scalars": scalars,
             "target": target.group(1) if target else None}, ptx
 
 

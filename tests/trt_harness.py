@@ -69,13 +69,24 @@ class DriverRun:
     stderr: str
 
 
-def run_driver(version: str, spec: Path, impl: str, *, numpy_dir: Path | None = None, run: bool = False,
-               interface: bool = False) -> DriverRun:
-    """``tests/trt_driver.py`` in a child interpreter with ``tensorrt`` = the wheel's layer of ``version``."""
+def layer_env(version: str, numpy_dir: Path | None = None) -> dict[str, str]:
+    """The environment of a child interpreter whose ``tensorrt`` is the wheel's layer of ``version``."""
     path = [str(plugin_layer(version)), str(REPO), str(REPO / "tests")]
     if numpy_dir is not None:
         path.insert(0, str(numpy_dir))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "TRT_STANDIN_VERSION": version}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path), "TRT_STANDIN_VERSION": version}
+
+
+def run_python(version: str, code: str) -> subprocess.CompletedProcess:
+    """``python -c code`` under the layer of ``version``."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=layer_env(version),
+                          cwd=REPO)
+
+
+def run_driver(version: str, spec: Path, impl: str, *, numpy_dir: Path | None = None, run: bool = False,
+               interface: bool = False) -> DriverRun:
+    """``tests/trt_driver.py`` in a child interpreter with ``tensorrt`` = the wheel's layer of ``version``."""
+    env = layer_env(version, numpy_dir)
     if not run:  # no GPU to ask: compile the AOT kernels for sm_90 (H100/H200)
         env.setdefault("SMOOTHQUANT_AOT_ARCH", "90")
     cmd = [sys.executable, str(REPO / "tests" / "trt_driver.py"), str(spec), impl]
