@@ -15,6 +15,10 @@ prints every violation with the node it concerns. TensorRT's rules for Q/DQ netw
 - FP8 Q/DQ need opset >= 19;
 - no Q/DQ node produces a graph output.
 
+A QuantizeLinear without a zero point outputs ONNX's default type, UINT8 (or its ``output_dtype``,
+opset 21), which TensorRT does not take. If/Loop/Scan bodies are checked like the main graph, with
+the constants of the enclosing scopes; a violation there names the node as ``outer/inner``.
+
 Exit codes: 0 no violation, 1 violations (or an unreadable model), 2 usage.
 """
 
@@ -31,7 +35,7 @@ import numpy as np
 import onnx
 
 from passes.ir.errors import SmoothQuantError
-from passes.ir.graph import GraphView, attribute, declared_dtype, opset_version
+from passes.ir.graph import GraphView, attribute, declared_dtype, opset_version, subgraphs
 from passes.ir.onnx_io import LoadedModel, TensorStore, load_model
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -101,8 +105,8 @@ def _dequantized(view: GraphView, tensor: str) -> bool:
     return False
 
 
-def _check_qdq(view: GraphView, node: onnx.NodeProto, opset: int, out: list[Violation]) -> None:
-    name = _name(node)
+def _check_qdq(view: GraphView, node: onnx.NodeProto, opset: int, out: list[Violation], scope: str = "") -> None:
+    name = scope + _name(node)
 
     def bad(rule: Rule, message: str) -> None:
         out.append(Violation(rule, name, message))
@@ -135,6 +139,18 @@ def _check_qdq(view: GraphView, node: onnx.NodeProto, opset: int, out: list[Viol
             bad(Rule.ZERO_POINT_ZERO, f"zero point {zero_name!r} is not all zero")
         if zero_type == FP8 and opset < 19:
             bad(Rule.FP8_OPSET, f"FP8 Q/DQ need opset >= 19, the model has {opset}")
+    output_dtype = attribute(node, "output_dtype", 0) if node.op_type == "QuantizeLinear" else 0
+    if output_dtype and output_dtype not in ZERO_POINT_TYPES:
+        bad(Rule.ZERO_POINT_TYPE, f"output_dtype is {onnx.TensorProto.DataType.Name(output_dtype)}; "
+                                  f"TensorRT takes INT8 or FLOAT8E4M3FN")
+    elif not zero_name and not output_dtype and node.op_type == "QuantizeLinear":
+        bad(Rule.ZERO_POINT_TYPE, "no zero point, so ONNX's QuantizeLinear outputs UINT8, which TensorRT does not "
+                                  "take: give an INT8 (or FLOAT8E4M3FN) zero point of 0")
+    elif not zero_name and node.op_type == "DequantizeLinear":
+        x_type = _elem_type(view, x)
+        if x_type is not None and x_type not in ZERO_POINT_TYPES:
+            bad(Rule.ZERO_POINT_TYPE, f"input {x!r} is {onnx.TensorProto.DataType.Name(x_type)}; "
+                                      f"TensorRT takes INT8 or FLOAT8E4M3FN")
 
     per_axis = scale is not None and scale.size > 1
     block = attribute(node, "block_size", 0)
@@ -182,12 +198,19 @@ def _elem_type(view: GraphView, tensor: str) -> int | None:
 
 
 def check_graph(view: GraphView, opset: int) -> CheckReport:
-    """Every violation of TensorRT's explicit-quantization rules in ``view``'s graph."""
+    """Every violation of TensorRT's explicit-quantization rules in ``view``'s graph and its bodies."""
     report = CheckReport()
+    _check_nodes(view, opset, report, "")
+    return report
+
+
+def _check_nodes(view: GraphView, opset: int, report: CheckReport, scope: str) -> None:
     for node in view.graph.node:
+        for body in subgraphs(node):
+            _check_nodes(view.body(body), opset, report, f"{scope}{_name(node)}/")
         if node.op_type in QDQ_OPS and node.domain in ("", "ai.onnx"):
             report.qdq_nodes += 1
-            _check_qdq(view, node, opset, report.violations)
+            _check_qdq(view, node, opset, report.violations, scope)
         elif node.op_type in GEMM_OPS and len(node.input) >= 2:
             dq = [_dequantized(view, t) for t in node.input[:2]]
             if all(dq):
@@ -195,10 +218,9 @@ def check_graph(view: GraphView, opset: int) -> CheckReport:
             elif any(dq):
                 plain = node.input[dq.index(False)]
                 report.violations.append(Violation(
-                    Rule.GEMM_BOTH_DQ, _name(node),
+                    Rule.GEMM_BOTH_DQ, scope + _name(node),
                     f"input {plain!r} is not dequantized while the other input is: TensorRT runs this "
                     f"{node.op_type} in floating point"))
-    return report
 
 
 def check_model(model: str | os.PathLike | LoadedModel) -> CheckReport:

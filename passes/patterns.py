@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from passes.ir.graph import GraphView, activation_dtype, attribute
+from passes.ir.graph import GraphView, activation_dtype, attribute, replace_input
 from passes.linear import LinearOp
 from passes.ir.naming import NameFactory
 
@@ -239,9 +239,7 @@ def insert_channel_mul(view: GraphView, tensor: str, vector: np.ndarray, channel
     mul = helper.make_node("Mul", [tensor, scale_name], [output], name=node_name)
     view.graph.node.insert(min(list(view.graph.node).index(n) for n in readers), mul)
     for node in readers:
-        for i, name in enumerate(node.input):
-            if name == tensor:
-                node.input[i] = output
+        replace_input(node, tensor, output)  # a reader's If/Loop/Scan bodies too
     view.rebuild()
 
 

@@ -137,3 +137,47 @@ def test_pipeline_refuses_to_write_a_model_that_breaks_the_rules(demo_dir, tmp_p
     with pytest.raises(SmoothQuantError, match=r"breaks TensorRT's rules \(nothing written\):\n  \[zero-point-zero\] sq_q::x"):
         run_smoothquant(demo_dir / "tiny_bert.onnx", tmp_path / "q.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_defaults_are_checked(tmp_path):
+    """A QuantizeLinear without a zero point outputs UINT8 (ONNX's default); opset 21's output_dtype
+    can say UINT8 too: TensorRT takes neither."""
+    path = qdq_matmul(tmp_path)
+    model = onnx.load(str(path))
+    q = next(n for n in model.graph.node if n.name == "q_x")
+    del q.input[2]
+    onnx.save(model, str(path))
+    assert rules(path)[Rule.ZERO_POINT_TYPE] == ["q_x"]
+    q.attribute.append(helper.make_attribute("output_dtype", TensorProto.UINT8))
+    model.opset_import[0].version = 21
+    onnx.save(model, str(path))
+    assert rules(path)[Rule.ZERO_POINT_TYPE] == ["q_x"]
+
+
+def test_qdq_inside_subgraphs_is_checked(tmp_path):
+    """Q/DQ in an If branch, with a scale from the outer scope: clean when right, each violation
+    named ``if_node/inner_node`` when wrong."""
+    def model_with_branch(scale: float):
+        inner = helper.make_graph(
+            [helper.make_node("QuantizeLinear", ["x", "b_scale", "b_zero"], ["bq"], name="branch_q"),
+             helper.make_node("DequantizeLinear", ["bq", "b_scale", "b_zero"], ["bdq"], name="branch_dq"),
+             helper.make_node("MatMul", ["bdq", "w_f"], ["by"], name="branch_mm")],
+            "then", [], [helper.make_tensor_value_info("by", TensorProto.FLOAT, [2, 4, 6])])
+        other = helper.make_graph([helper.make_node("MatMul", ["x", "w_f"], ["ey"], name="else_mm")], "else", [],
+                                  [helper.make_tensor_value_info("ey", TensorProto.FLOAT, [2, 4, 6])])
+        inits = [numpy_helper.from_array(np.asarray(scale, np.float32), "b_scale"),
+                 numpy_helper.from_array(np.int8(0), "b_zero"),
+                 numpy_helper.from_array(np.ones((8, 6), np.float32), "w_f")]
+        graph = helper.make_graph(
+            [helper.make_node("If", ["flag"], ["y"], then_branch=inner, else_branch=other, name="cond")], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 8]),
+             helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 6])], inits)
+        path = tmp_path / "branch.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=9), str(path))
+        return path
+
+    report = check_model(model_with_branch(0.05))
+    assert report.qdq_nodes == 2 and report.violations and rules(model_with_branch(0.05)) == {
+        Rule.GEMM_BOTH_DQ: ["cond/branch_mm"]}  # the weight of the branch's MatMul is not dequantized
+    assert rules(model_with_branch(-1.0))[Rule.SCALE_VALUE] == ["cond/branch_q", "cond/branch_dq"]

@@ -2,6 +2,12 @@
 
 Passes read the graph through :class:`GraphView` and edit the underlying
 ``onnx.GraphProto`` directly; call :meth:`GraphView.rebuild` after structural edits.
+
+Subgraphs are graphs: an ``If``/``Loop``/``Scan`` node reads, besides its inputs, every outer
+tensor its bodies name without defining (:func:`implicit_inputs`), so it counts among those
+tensors' consumers; names inside bodies count as taken; rewiring a reader also rewires its
+bodies (:func:`replace_input`). Passes rewrite only top-level nodes: linear ops inside bodies
+stay in floating point.
 """
 
 from __future__ import annotations
@@ -17,10 +23,15 @@ from passes.ir.onnx_io import TensorStore
 
 
 class GraphView:
-    def __init__(self, graph: onnx.GraphProto, store: TensorStore):
+    def __init__(self, graph: onnx.GraphProto, store: TensorStore, outer: GraphView | None = None):
         self.graph = graph
         self.store = store
+        self.outer = outer
         self.rebuild()
+
+    def body(self, graph: onnx.GraphProto) -> GraphView:
+        """A view of one of this graph's subgraphs, seeing the enclosing scopes' producers and constants."""
+        return GraphView(graph, self.store.scoped(graph), outer=self)
 
     def rebuild(self) -> None:
         self.producer: dict[str, onnx.NodeProto] = {}
@@ -32,18 +43,20 @@ class GraphView:
             for inp in node.input:
                 if inp:
                     self.consumers[inp].append(node)
+            for inp in implicit_inputs(node) - set(node.input):
+                self.consumers[inp].append(node)
         self.graph_outputs = {o.name for o in self.graph.output}
         self.graph_inputs = {i.name for i in self.graph.input}
         self.initializers = {t.name for t in self.graph.initializer}
+        if self.outer is not None:  # names the body does not define come from the enclosing scope
+            local = _defined(self.graph)
+            self.producer = {**{k: v for k, v in self.outer.producer.items() if k not in local}, **self.producer}
+            self.initializers |= self.outer.initializers - local
         self.store.refresh(self.graph)
 
     def all_names(self) -> set[str]:
-        names = set(self.initializers) | self.graph_inputs | self.graph_outputs
-        for node in self.graph.node:
-            names.add(node.name)
-            names.update(node.input)
-            names.update(node.output)
-        return names
+        """Every name taken, in subgraphs too (an inserted name must not collide with one there)."""
+        return graph_names(self.graph)
 
     def node_label(self, node: onnx.NodeProto) -> str:
         return f"{node.op_type} node {node.name!r}" if node.name else f"{node.op_type} node producing {node.output[0]!r}"
@@ -58,7 +71,8 @@ class GraphView:
     def drop_unused_initializers(self) -> None:
         """Remove initializers and Constant nodes no node reads (left by cloning or quantizing);
         overridable inputs stay."""
-        used = {i for n in self.graph.node for i in n.input} | self.graph_outputs | self.graph_inputs
+        used = {i for n in self.graph.node for i in (*n.input, *implicit_inputs(n))} | self.graph_outputs
+        used |= self.graph_inputs
         dead = [n for n in self.graph.node if n.op_type == "Constant" and n.output[0] not in used]
         for node in dead:
             self.graph.node.remove(node)
@@ -136,6 +150,69 @@ class GraphView:
             self.graph.initializer.append(new)
             self.initializers.add(name)
             self.store.track(self.graph.initializer[-1])
+
+
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The bodies held in ``node``'s attributes (If's branches, Loop's and Scan's body)."""
+    out = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
+def _defined(graph: onnx.GraphProto) -> set[str]:
+    names = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    names |= {t.values.name for t in graph.sparse_initializer}
+    for n in graph.node:
+        names.update(o for o in n.output if o)
+    return names
+
+
+def outer_references(graph: onnx.GraphProto) -> set[str]:
+    """The names ``graph`` reads from enclosing scopes: what its nodes (and their bodies, and its
+    outputs) name without ``graph`` defining it."""
+    read = {o.name for o in graph.output}
+    for n in graph.node:
+        read.update(i for i in n.input if i)
+        for body in subgraphs(n):
+            read |= outer_references(body)
+    return read - _defined(graph)
+
+
+def implicit_inputs(node: onnx.NodeProto) -> set[str]:
+    """Outer tensors ``node``'s bodies read (empty for a node without subgraphs)."""
+    bodies = subgraphs(node)
+    return set().union(*(outer_references(b) for b in bodies)) if bodies else set()
+
+
+def replace_input(node: onnx.NodeProto, old: str, new: str) -> None:
+    """Make ``node`` read ``new`` wherever it reads ``old``: its inputs, and its bodies' outer reads."""
+    for i, name in enumerate(node.input):
+        if name == old:
+            node.input[i] = new
+    for body in subgraphs(node):
+        if old in _defined(body):
+            continue  # shadowed there (not valid ONNX, but never rewire a local name)
+        for inner in body.node:
+            replace_input(inner, old, new)
+        for out in body.output:
+            if out.name == old:
+                out.name = new
+
+
+def graph_names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor and node name of ``graph`` and of the bodies nested in it."""
+    names = {i.name for i in graph.input} | {o.name for o in graph.output} | {t.name for t in graph.initializer}
+    for node in graph.node:
+        names.add(node.name)
+        names.update(node.input)
+        names.update(node.output)
+        for body in subgraphs(node):
+            names |= graph_names(body)
+    return names
 
 
 def declared_dtype(view: GraphView, tensor: str) -> np.dtype | None:

@@ -209,10 +209,18 @@ class TensorStore:
 
     def __init__(self, model: LoadedModel):
         self._base_dir = model.base_dir
+        self._outer: dict[str, onnx.TensorProto] = {}
         self._by_name = {t.name: t for t in model.proto.graph.initializer}
 
+    def scoped(self, graph: onnx.GraphProto) -> TensorStore:
+        """A store for a subgraph: its own initializers, and those of every enclosing scope."""
+        inner = TensorStore.__new__(TensorStore)
+        inner._base_dir, inner._outer = self._base_dir, dict(self._by_name)
+        inner.refresh(graph)
+        return inner
+
     def refresh(self, graph: onnx.GraphProto) -> None:
-        self._by_name = {t.name: t for t in graph.initializer}
+        self._by_name = {**self._outer, **{t.name: t for t in graph.initializer}}
 
     def track(self, tensor: onnx.TensorProto) -> None:
         """Index one tensor just added to the graph (cheaper than :meth:`refresh`)."""
