@@ -30,6 +30,7 @@ import onnx
 from passes.check_trt import check_model
 from passes.ir.errors import SmoothQuantError
 from passes.ir.onnx_io import LoadedModel, load_model
+from passes.ir.paths import check_outputs, model_files
 from plugins import schema
 
 PLUGINS_MODULE = "plugins.trt_plugins"
@@ -189,6 +190,8 @@ def prepare(model: str | os.PathLike | LoadedModel, engine: str | os.PathLike,
             config: EngineConfig = EngineConfig()) -> tuple[LoadedModel, str]:
     """Everything up to the build, without TensorRT: load, rule check, profiles, trtexec command."""
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    check_outputs({"engine file": Path(engine), "timing cache": config.timing_cache},
+                  model_files(loaded.proto, loaded.path) + list(config.plugins))
     if config.check:
         report = check_model(loaded)
         if not report.ok:

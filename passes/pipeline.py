@@ -32,6 +32,7 @@ from passes.fold import GroupResult, SmoothingReport, fold_smoothing
 from passes.ir.graph import GraphView, ensure_opset_import, opset_version
 from passes.linear import LinearKind, LinearOp, find_linear_ops
 from passes.ir.onnx_io import LoadedModel, TensorStore, load_model, save_model
+from passes.ir.paths import check_outputs, data_files, model_files
 from passes.ort_lowering import MS_DOMAIN, MS_VERSION, lower_for_onnxruntime
 from passes.ir.naming import NameFactory
 from passes.patterns import AttentionValueFold, FoldKind, LinearOutputFold
@@ -89,8 +90,12 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
     loaded = load_model(model)
     smooth_only = config.quantization is None
     out_path = Path(output) if output is not None else default_output_path(loaded.path, smooth_only)
-    if write and out_path.resolve() == loaded.path.resolve():
-        raise SmoothQuantError(f"{out_path}: the output would overwrite the input model")
+    reads = model_files(loaded.proto, loaded.path) + data_files(
+        calib if calib is not None else default_calibration_path(loaded.path))
+    reads += data_files(list(stats)) if stats is not None and not isinstance(stats, ChannelStats) else []
+    check_outputs({"output model": out_path if write else None,
+                   "output's external data": out_path.with_name(out_path.name + ".data") if write else None,
+                   "--stats-out file": Path(stats_out) if stats_out is not None else None}, reads)
 
     rereads = config.quantization is not None and (config.quantization.max_fp_layers > 0
                                                    or config.quantization.clip_grid

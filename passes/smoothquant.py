@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from passes.config import (DEFAULT_ALPHA_GRID, FAST_ALPHA, CalibrationConfig, Granularity, Precision, QuantizationConfig,
                            SmoothingConfig, SmoothQuantConfig, Target, Unfoldable, WeightRounding, WeightStorage)
@@ -15,10 +16,11 @@ from calibrators.data import model_inputs
 from calibrators.text import TextLayout, load_tokenizer, read_text_file, text_feeds
 from passes.search.clip import DEFAULT_CLIP_GRID
 from passes.ir.onnx_io import load_model
+from passes.ir.paths import check_outputs, data_files
 from passes.build_engine import add_engine_arguments, build_prepared, engine_config_from_args, import_tensorrt, prepare
 from passes.ir.errors import SmoothQuantError
 from passes.search.alpha import summarize_choices
-from passes.pipeline import run_smoothquant
+from passes.pipeline import default_output_path, run_smoothquant
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -156,6 +158,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                             ("--calib-text", args.calib_text)) if given]
         if len(sources) > 1:
             raise SmoothQuantError(f"pass one of --calib, --stats or --calib-text, not {' and '.join(sources)}")
+        if args.calib_text:  # read by this command before the pipeline sees them
+            out = Path(args.output) if args.output else default_output_path(args.model, args.smooth_only)
+            check_outputs({"output model": out, "output's external data": out.with_name(out.name + ".data"),
+                           "--stats-out file": Path(args.stats_out) if args.stats_out else None,
+                           "--engine file": Path(args.engine) if args.engine else None},
+                          [Path(args.calib_text)] + (data_files(args.tokenizer) if args.tokenizer else []))
         calib = args.calib if not args.calib_text else text_calibration(args)
         engine_config = None
         if args.engine:
