@@ -66,7 +66,7 @@ def split_large_inline(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[on
     inputs = {i.name for i in model.graph.input}
     big = [t for t in model.graph.initializer
            if not uses_external_data(t) and t.name not in inputs and t.data_type in _ORTVALUE_TYPES
-           and tensor_nbytes(t) >= INLINE_SPLIT_BYTES]
+           and (tensor_nbytes(t) or 0) >= INLINE_SPLIT_BYTES]
     big_names = {t.name for t in big}
     light = onnx.ModelProto()
     for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from passes.ir.atomic import atomic_write
 from passes.ir.errors import SmoothQuantError
 
 FORMAT_VERSION = 2
@@ -72,13 +73,8 @@ class ChannelStats:
         arrays = {f"t{i}": self.amax[n] for i, n in enumerate(names)}
         arrays.update({f"min{i}": self.minimum[n] for i, n in enumerate(names) if n in self.minimum})
         arrays.update({f"max{i}": self.maximum[n] for i, n in enumerate(names) if n in self.maximum})
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            with tmp.open("wb") as f:
-                np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_write(path) as (tmp,), tmp.open("wb") as f:
+            np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ChannelStats:

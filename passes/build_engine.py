@@ -28,6 +28,7 @@ from pathlib import Path
 import onnx
 
 from passes.check_trt import check_model
+from passes.ir.atomic import atomic_write
 from passes.ir.errors import SmoothQuantError
 from passes.ir.onnx_io import LoadedModel, load_model
 from passes.ir.paths import check_outputs, model_files
@@ -257,12 +258,8 @@ def build_prepared(loaded: LoadedModel, engine: str | os.PathLike, config: Engin
 
 
 def _write_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_write(path) as (tmp,):
         tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:

@@ -43,6 +43,7 @@ from passes.smooth import (PlannedGroup, SmoothingGroup, find_groups, plan_smoot
                            without_site)
 from passes.split import SplitOp, masked_hessians, plan_split, split_outliers
 from passes.untie import retie, untie_transposed_weights
+from passes.validate import validate_written_model
 from passes.value_fold import trace_value_channels
 from plugins import schema as plugin_schema
 
@@ -163,7 +164,11 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
     result = SmoothQuantResult(loaded.proto, report, channel_stats, quant_report, layer_errors, alpha_choices,
                                clip_choices, messages=messages)
     if write:
-        result.written = save_model(loaded.proto, out_path, loaded.base_dir, inline_in_source=loaded.lazy_inline)
+        how = []
+        result.written = save_model(loaded.proto, out_path, loaded.base_dir, inline_in_source=loaded.lazy_inline,
+                                    validate=lambda p: how.append(validate_written_model(p, out_path)))
+        if "session" not in how[0]:
+            messages.append(f"{out_path}: validated by the {how[0]}")
     return result
 
 

@@ -16,6 +16,7 @@ from calibrators.data import model_inputs
 from calibrators.text import TextLayout, load_tokenizer, read_text_file, text_feeds
 from passes.search.clip import DEFAULT_CLIP_GRID
 from passes.ir.onnx_io import load_model
+from passes.ir.atomic import terminate_as_interrupt
 from passes.ir.paths import check_outputs, data_files
 from passes.build_engine import add_engine_arguments, build_prepared, engine_config_from_args, import_tensorrt, prepare
 from passes.ir.errors import SmoothQuantError
@@ -152,6 +153,7 @@ def config_from_args(args: argparse.Namespace) -> SmoothQuantConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
+    restore = terminate_as_interrupt()  # SIGTERM cleans up like Ctrl-C
     try:
         config = config_from_args(args)
         sources = [name for name, given in (("--calib", args.calib), ("--stats", args.stats),
@@ -184,6 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return 130
+    finally:
+        restore()
     for message in result.messages:
         print(f"note: {message}", file=sys.stderr)
     summaries = [result.report.summary()] + ([result.quant_report.summary()] if result.quant_report else [])

@@ -7,18 +7,16 @@
   references to their own bytes inside that file (offset and length), read on demand, so
   an inline model costs no more than an external-data one.
 * :class:`TensorStore` gives passes the tensors they ask for, one at a time.
-* :func:`save_model` writes a model atomically: into a temporary file beside the target,
-  streaming each tensor (copied from the source's external data when untouched), then
-  renamed into place. On any failure nothing is left behind.
+* :func:`save_model` writes a model atomically: into a temporary folder beside the target,
+  streaming each tensor (copied from the source's external data when untouched), validated
+  there, then moved into place (:mod:`passes.ir.atomic`). On any failure nothing is left behind.
 """
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
+from passes.ir.atomic import atomic_write
 from passes.ir.errors import SmoothQuantError
 
 PROTOBUF_LIMIT = 2**31 - 1
@@ -80,7 +79,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0]
         raise SmoothQuantError(f"{path}: ONNX checker rejected the model: {first}") from None
-    _check_external_data(proto, path.parent, path)
+    check_external_data(proto, path.parent, path)
     return LoadedModel(proto, path, lazy)
 
 
@@ -180,28 +179,50 @@ def _split_fields(buf: memoryview, size: int, location: str) -> tuple[onnx.Model
     return (model, frozenset(lazy)) if lazy else None
 
 
-def _check_external_data(proto: onnx.ModelProto, base_dir: Path, path: Path) -> None:
+_EXTERNAL_KEYS = {"location", "offset", "length", "checksum", "basepath"}
+
+
+def check_external_data(proto: onnx.ModelProto, base_dir: Path, path: Path) -> None:
+    """Every external tensor's fields are well formed (known keys; offset and length whole numbers >= 0;
+    the length, when given, the tensor's byte size) and its bytes lie inside an existing file."""
     for tensor in proto.graph.initializer:
         if not uses_external_data(tensor):
             continue
+        where = f"{path}: tensor {tensor.name!r}"
+        unknown = sorted({e.key for e in tensor.external_data} - _EXTERNAL_KEYS)
+        if unknown:
+            raise SmoothQuantError(f"{where} has unknown external-data fields {unknown}")
+        for entry in tensor.external_data:
+            if entry.key in ("offset", "length") and not entry.value.isdigit():
+                raise SmoothQuantError(f"{where}: external-data {entry.key} {entry.value!r} is not a whole number >= 0")
         info = ExternalDataInfo(tensor)
+        if not info.location:
+            raise SmoothQuantError(f"{where} is stored externally but names no location")
         location = base_dir / info.location
         if not location.is_file():
-            raise SmoothQuantError(
-                f"{path}: tensor {tensor.name!r} points at external data {info.location!r}, which does not exist"
-            )
-        need = (info.offset or 0) + (info.length if info.length is not None else tensor_nbytes(tensor))
+            raise SmoothQuantError(f"{where} points at external data {info.location!r}, which does not exist")
+        size = tensor_nbytes(tensor)
+        if info.length is not None and size is not None and info.length != size:
+            raise SmoothQuantError(f"{where}: external-data length {info.length} is not its size, {size} bytes "
+                                   f"({onnx.TensorProto.DataType.Name(tensor.data_type)} {list(tensor.dims)})")
+        need = (info.offset or 0) + (info.length if info.length is not None else (size or 0))
         have = location.stat().st_size
         if need > have:
-            raise SmoothQuantError(
-                f"{path}: tensor {tensor.name!r} needs bytes up to {need} of {info.location!r}, "
-                f"which has only {have} (truncated?)"
-            )
+            raise SmoothQuantError(f"{where} needs bytes up to {need} of {info.location!r}, which has only {have} "
+                                   f"(truncated?)")
 
 
-def tensor_nbytes(tensor: onnx.TensorProto) -> int:
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    return int(np.prod(tensor.dims, dtype=np.int64)) * np.dtype(dtype).itemsize
+_PACKED_4BIT = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
+
+
+def tensor_nbytes(tensor: onnx.TensorProto) -> int | None:
+    """The byte size of the tensor's data (4-bit types packed two to a byte); None for strings."""
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return None
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    if tensor.data_type in _PACKED_4BIT:
+        return (count + 1) // 2
+    return count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
 
 
 class TensorStore:
@@ -245,7 +266,7 @@ def tensor_bytes(tensor: onnx.TensorProto, base_dir: Path) -> bytes:
         info = ExternalDataInfo(tensor)
         with (base_dir / info.location).open("rb") as f:
             f.seek(info.offset or 0)
-            return f.read(info.length if info.length is not None else tensor_nbytes(tensor))
+            return f.read(info.length if info.length is not None else (tensor_nbytes(tensor) or -1))
     if tensor.HasField("raw_data"):
         return tensor.raw_data
     return numpy_helper.to_array(tensor).tobytes()
@@ -254,33 +275,17 @@ def tensor_bytes(tensor: onnx.TensorProto, base_dir: Path) -> bytes:
 def _total_tensor_bytes(proto: onnx.ModelProto) -> int:
     total = 0
     for t in proto.graph.initializer:
-        total += tensor_nbytes(t) if uses_external_data(t) or not t.HasField("raw_data") else len(t.raw_data)
+        total += (tensor_nbytes(t) or 0) if uses_external_data(t) or not t.HasField("raw_data") else len(t.raw_data)
     return total
 
 
-@contextlib.contextmanager
-def _atomic_paths(*targets: Path) -> Iterator[list[Path]]:
-    """Temporary paths beside each target, renamed over the targets only if the body succeeds."""
-    temps = []
-    try:
-        for target in targets:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-            os.close(fd)
-            temps.append(Path(tmp))
-        yield temps
-        for tmp, target in zip(temps, targets):
-            os.replace(tmp, target)
-        temps = []
-    finally:
-        for tmp in temps:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-
-
 def save_model(proto: onnx.ModelProto, path: str | os.PathLike, source_dir: Path | None, *,
-               external_data: bool | None = None, inline_in_source: frozenset[str] = frozenset()) -> list[Path]:
-    """Write ``proto`` to ``path`` atomically; return the files written.
+               external_data: bool | None = None, inline_in_source: frozenset[str] = frozenset(),
+               validate: Callable[[Path], None] | None = None) -> list[Path]:
+    """Write ``proto`` to ``path`` atomically (:func:`passes.ir.atomic.atomic_write`); return the files written.
+
+    ``validate(path)`` runs on the written model where it lies, its external data beside it, before
+    anything is moved into place; an exception there leaves the old output as it was.
 
     Tensors still pointing at the source's external data are streamed from ``source_dir``,
     one at a time. With ``external_data=None`` the model gets an external-data file
@@ -308,12 +313,12 @@ def save_model(proto: onnx.ModelProto, path: str | os.PathLike, source_dir: Path
                 new.raw_data = tensor_bytes(t, source_dir)
         if out.ByteSize() > PROTOBUF_LIMIT:
             raise SmoothQuantError(f"{path}: model exceeds 2 GiB; it must be written with external data")
-        with _atomic_paths(path) as (tmp_model,):
+        with atomic_write(path, validate=_model_check(validate)) as (tmp_model,):
             tmp_model.write_bytes(out.SerializeToString())
         return [path]
 
     data_path = path.with_name(path.name + ".data")
-    with _atomic_paths(data_path, path) as (tmp_data, tmp_model):
+    with atomic_write(data_path, path, validate=_model_check(validate)) as (tmp_data, tmp_model):
         offset = 0
         with tmp_data.open("wb") as data:
             for t in proto.graph.initializer:
@@ -338,6 +343,10 @@ def save_model(proto: onnx.ModelProto, path: str | os.PathLike, source_dir: Path
                 offset += len(raw)
         tmp_model.write_bytes(out.SerializeToString())
     return [path, data_path]
+
+
+def _model_check(validate: Callable[[Path], None] | None) -> Callable[[list[Path]], None] | None:
+    return None if validate is None else (lambda temps: validate(temps[-1]))
 
 
 _TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
