@@ -195,13 +195,24 @@ class CalibrationData:
     def _all_batches(self) -> Iterator[dict[str, np.ndarray]]:
         if self._iterable is not None:
             feeds, self._iterable = self._iterable, (iter(self._source) if self._source is not None else iter(()))
-            for feed in feeds:
-                yield {k: np.asarray(v) for k, v in feed.items()}
+            for i, feed in enumerate(feeds):
+                yield _finite({k: np.asarray(v) for k, v in feed.items()}, f"calibration feed {i}")
             return
         for path in self._files:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
             n = next(iter(arrays.values())).shape[0]
             for start in range(0, n, self.batch_size):
-                yield {k: v[start:start + self.batch_size] for k, v in arrays.items()}
+                yield _finite({k: v[start:start + self.batch_size] for k, v in arrays.items()}, str(path), start)
             del arrays
+
+
+def _finite(feed: dict[str, np.ndarray], where: str, first_row: int = 0) -> dict[str, np.ndarray]:
+    """``feed``, or an error naming the input and sample that hold NaN or Inf (a NaN's effect on the
+    calibrated ranges would depend on where it sits: ReduceMax propagates it from some positions only)."""
+    for name, value in feed.items():
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            bad = np.argwhere(~np.isfinite(value.reshape(len(value), -1)))[0][0] if value.ndim else 0
+            raise SmoothQuantError(f"{where}: input {name!r} holds NaN or Inf (sample {first_row + int(bad)}); "
+                                   f"calibration data must be finite")
+    return feed

@@ -190,4 +190,9 @@ def collect_channel_stats(model: LoadedModel, targets: Sequence[StatTarget], dat
         stats.num_samples += len(next(iter(feed.values()))) if feed else 0
     if stats.num_samples == 0:
         raise SmoothQuantError(f"{data.description}: calibration set is empty (0 samples)")
+    bad = [t.tensor for t in targets if not np.isfinite(stats.amax[t.tensor]).all()]
+    if bad:
+        raise SmoothQuantError(f"{model.path}: activation {bad[0]!r} is NaN or Inf on the calibration data"
+                               + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+                               + ": the model itself computes non-finite values there")
     return stats

@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 
 from passes.ir.graph import GraphView, attribute
@@ -43,6 +44,11 @@ class LinearOp:
         return self.node.name or self.node.output[0]
 
 
+def _finite(view: GraphView, weight: str) -> bool:
+    value = view.store.array(weight)
+    return value.dtype.kind != "f" or bool(np.isfinite(value).all())
+
+
 def find_linear_ops(view: GraphView) -> tuple[list[LinearOp], list[tuple[onnx.NodeProto, str]]]:
     """All linear ops of the main graph with a constant weight, and the ones passed over with why."""
     found, passed_over = [], []
@@ -55,6 +61,8 @@ def find_linear_ops(view: GraphView) -> tuple[list[LinearOp], list[tuple[onnx.No
         rank = len(view.store.proto(weight).dims)
         if view.constant_source(node.input[0]) is not None:
             passed_over.append((node, "both inputs are constant"))
+        elif not _finite(view, weight):
+            passed_over.append((node, f"weight {weight!r} holds NaN or Inf: no finite scale exists, it stays as it is"))
         elif node.op_type == "MatMul":
             if rank != 2:
                 passed_over.append((node, f"weight {weight!r} has rank {rank}, not 2"))

@@ -173,6 +173,8 @@ def quantize_linear_ops(view: GraphView, linear_ops: list[LinearOp], ranges: dic
             else:
                 a, zero_value = rng.amax / fmt.qmax, np.zeros((), dtype=fmt.dtype())
             scale, zero = names.scale(x), names.zero_point(x)
+            if not (np.isfinite(a) and a > 0 and np.isfinite(np.array(a, dtype=dtype))):
+                raise SmoothQuantError(f"activation {x!r}: scale {a!r} is not finite and positive in {dtype}")
             view.set_initializer(scale, np.array(a, dtype=dtype))
             view.set_initializer(zero, zero_value)
             q_out, dq_out = names.quantized(x), names.dequantized(x)
@@ -200,6 +202,9 @@ def _quantize_weight_input(view: GraphView, names: NameFactory, source: str, axi
     """Per-output-channel weight Q/DQ; returns the dequantized tensor the linear op reads."""
     w = view.store.array(source)
     w_scale = per_channel_weight_scale(w, axis, fmt.qmax)
+    if not (np.isfinite(w_scale).all() and (w_scale > 0).all()):
+        raise SmoothQuantError(f"weight {source!r}: its per-channel scales are not all finite and positive "
+                               f"(min {np.min(w_scale):.3g}, max {np.max(w_scale):.3g}); nothing was written")
     s_name, z_name = names.scale(source), names.zero_point(source)
     view.set_initializer(s_name, w_scale)
     view.set_initializer(z_name, np.zeros(w_scale.size, dtype=fmt.dtype()))
