@@ -29,7 +29,7 @@ from calibrators.stats import ChannelStats
 from passes.ir.errors import SmoothQuantError
 from passes.ir.graph import make_reduce, opset_version
 from passes.ir.naming import NameFactory
-from passes.ir.onnx_io import PROTOBUF_LIMIT, LoadedModel, tensor_nbytes
+from passes.ir.onnx_io import INLINE_TENSOR_BYTES, PROTOBUF_LIMIT, LoadedModel, tensor_bytes, tensor_nbytes
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,12 @@ def inference_session(proto: onnx.ModelProto, base_dir: Path, providers: Sequenc
     ORT graph transformers not to apply, by name (ORT ignores names it does not know).
     """
     proto, big = split_large_inline(proto)
+    for t in proto.graph.initializer:  # (a copy) ORT's shape inference cannot read small external tensors (axes...)
+        if uses_external_data(t) and (tensor_nbytes(t) or 0) < INLINE_TENSOR_BYTES:
+            raw = tensor_bytes(t, base_dir)
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+            t.raw_data = raw
     big = [*big, *initializers]
     options = ort.SessionOptions()
     options.log_severity_level = 3

@@ -90,3 +90,4 @@ def test_engine_outputs_are_checked_too(work, capsys):
             "engine file", "which this run reads", command=build_main)
     refused(work, capsys, [work / "model.onnx", "-o", work / "e.plan", "--timing-cache", work / "e.plan",
                            "--print-only", "--no-check"], "same file", command=build_main)
+

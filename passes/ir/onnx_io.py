@@ -79,6 +79,9 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0]
         raise SmoothQuantError(f"{path}: ONNX checker rejected the model: {first}") from None
+    except UnicodeDecodeError as e:  # the checker decodes its messages; a corrupt name is not UTF-8
+        raise SmoothQuantError(f"{path}: not a valid ONNX model (a name or string is not UTF-8: {e.reason} "
+                               f"at byte {e.start})") from None
     check_external_data(proto, path.parent, path)
     return LoadedModel(proto, path, lazy)
 
