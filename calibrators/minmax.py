@@ -13,6 +13,7 @@ samples. The calibration graph is a temporary copy; the model is not changed.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
-from onnx.external_data_helper import uses_external_data
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 from tqdm import tqdm
 
 from calibrators.data import CalibrationData, model_inputs
@@ -59,6 +60,12 @@ def _stub(tensor: onnx.TensorProto) -> onnx.TensorProto:
     entry = stub.external_data.add()
     entry.key, entry.value = "location", INJECTED
     return stub
+
+
+def _escapes(base_dir: Path, location: str) -> bool:
+    """True if ``location`` resolves outside ``base_dir`` (through a symlink), which ORT refuses."""
+    real, root = os.path.realpath(base_dir / location), os.path.realpath(base_dir)
+    return os.path.commonpath([real, root]) != root
 
 
 def split_large_inline(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
@@ -138,12 +145,23 @@ def inference_session(proto: onnx.ModelProto, base_dir: Path, providers: Sequenc
     ORT graph transformers not to apply, by name (ORT ignores names it does not know).
     """
     proto, big = split_large_inline(proto)
-    for t in proto.graph.initializer:  # (a copy) ORT's shape inference cannot read small external tensors (axes...)
-        if uses_external_data(t) and (tensor_nbytes(t) or 0) < INLINE_TENSOR_BYTES:
+    linked_arrays, linked = [], []
+    for i, t in enumerate(proto.graph.initializer):  # (a copy of the graph)
+        if not uses_external_data(t):
+            continue
+        if (tensor_nbytes(t) or 0) < INLINE_TENSOR_BYTES:  # ORT's shape inference cannot read these (axes...)
             raw = tensor_bytes(t, base_dir)
             del t.external_data[:]
             t.data_location = onnx.TensorProto.DEFAULT
             t.raw_data = raw
+        elif t.data_type in _ORTVALUE_TYPES and _escapes(base_dir, ExternalDataInfo(t).location):
+            # a file linked from elsewhere (a Hugging Face cache): ORT refuses it, so map it here
+            info = ExternalDataInfo(t)
+            linked_arrays.append(np.memmap(os.path.realpath(base_dir / info.location), mode="r",
+                                           dtype=helper.tensor_dtype_to_np_dtype(t.data_type),
+                                           offset=info.offset or 0, shape=tuple(t.dims)))
+            linked.append(t.name)
+            proto.graph.initializer[i].CopyFrom(_stub(t))
     big = [*big, *initializers]
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -156,10 +174,10 @@ def inference_session(proto: onnx.ModelProto, base_dir: Path, providers: Sequenc
         options.add_session_config_entry("session.disable_prepacking", "1")
     if any(uses_external_data(t) for t in proto.graph.initializer):
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base_dir))
-    arrays = [numpy_helper.to_array(t) for t in big]
+    arrays = [numpy_helper.to_array(t) for t in big] + linked_arrays
     values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
-    if big:
-        options.add_external_initializers([t.name for t in big], values)
+    if arrays:
+        options.add_external_initializers([t.name for t in big] + linked, values)
     if proto.ByteSize() >= PROTOBUF_LIMIT:
         raise SmoothQuantError("the calibration graph exceeds 2 GiB: store the model's weights as external data")
     session = ort.InferenceSession(proto.SerializeToString(), options, providers=list(providers),

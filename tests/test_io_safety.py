@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import shutil
 
+import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from conftest import sha256
 from passes.build_engine import main as build_main
@@ -91,3 +93,39 @@ def test_engine_outputs_are_checked_too(work, capsys):
     refused(work, capsys, [work / "model.onnx", "-o", work / "e.plan", "--timing-cache", work / "e.plan",
                            "--print-only", "--no-check"], "same file", command=build_main)
 
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["inline", "external-data"])
+def test_a_hugging_face_cache_layout_works(tmp_path, capsys, external):
+    """snapshots/<rev>/model.onnx (and its data) are symlinks into blobs/: onnx's and ONNX Runtime's
+    readers refuse linked files; the commands read through them."""
+    from passes.check_trt import main as check_main
+    from passes.evaluate import main as evaluate_main
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(128, 128)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.uniform(0.5, 2, 128).astype(np.float32), "g"),
+             numpy_helper.from_array(np.zeros(128, np.float32), "b")]
+    graph = helper.make_graph([helper.make_node("LayerNormalization", ["x", "g", "b"], ["h"], axis=-1, name="ln"),
+                               helper.make_node("MatMul", ["h", "w"], ["y"], name="fc")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 128])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 128])], inits)
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "rev"
+    blobs.mkdir()
+    snap.mkdir(parents=True)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    if external:
+        onnx.save(model, str(blobs / "m.onnx"), save_as_external_data=True, location="model.onnx_data",
+                  size_threshold=1024)
+        (blobs / "model.onnx_data").rename(blobs / "d4t4")
+        os.symlink("../../blobs/d4t4", snap / "model.onnx_data")
+    else:
+        onnx.save(model, str(blobs / "m.onnx"))
+    (blobs / "m.onnx").rename(blobs / "m0d3l")
+    os.symlink("../../blobs/m0d3l", snap / "model.onnx")
+    np.savez(tmp_path / "calib.npz", x=rng.normal(size=(16, 128)).astype(np.float32))
+    out = tmp_path / "out.onnx"
+    assert main([str(snap / "model.onnx"), "--calib", str(tmp_path / "calib.npz"), "-o", str(out), "--fast", "-q"]) == 0
+    assert check_main([str(snap / "model.onnx"), "-q"]) == 0
+    assert evaluate_main([str(snap / "model.onnx"), str(out), "--data", str(tmp_path / "calib.npz")]) == 0
+    assert "max_rel_err" in capsys.readouterr().out

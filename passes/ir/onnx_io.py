@@ -75,7 +75,13 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     if not proto.graph.node:
         raise SmoothQuantError(f"{path}: not a valid ONNX model (the graph has no nodes; is the file truncated?)")
     try:
-        onnx.checker.check_model(str(path))  # by path: external data is checked in place, not loaded
+        try:
+            onnx.checker.check_model(str(path))  # by path: external data is checked in place, not loaded
+        except onnx.checker.ValidationError as e:
+            if "symbolic link" not in str(e) and "not regular file" not in str(e):
+                raise
+            onnx.checker.check_model(_without_external_data(proto))  # linked files (a Hugging Face cache): the graph
+            # here, the data files by check_external_data below
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0]
         raise SmoothQuantError(f"{path}: ONNX checker rejected the model: {first}") from None
@@ -84,6 +90,19 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
                                f"at byte {e.start})") from None
     check_external_data(proto, path.parent, path)
     return LoadedModel(proto, path, lazy)
+
+
+def _without_external_data(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose external tensors are empty placeholders of their type (for checking the graph alone)."""
+    light = onnx.ModelProto()
+    light.CopyFrom(proto)
+    for t in light.graph.initializer:
+        if uses_external_data(t):
+            del t.external_data[:]
+            del t.dims[:]
+            t.dims.append(0)
+            t.data_location = onnx.TensorProto.DEFAULT
+    return light
 
 
 def _varint(buf, pos: int) -> tuple[int, int]:
@@ -257,10 +276,20 @@ class TensorStore:
         return self._by_name[name]
 
     def array(self, name: str) -> np.ndarray:
-        tensor = self._by_name[name]
-        if uses_external_data(tensor):
-            return numpy_helper.to_array(tensor, base_dir=str(self._base_dir))
+        return read_array(self._by_name[name], self._base_dir)
+
+
+def read_array(tensor: onnx.TensorProto, base_dir: Path) -> np.ndarray:
+    """A tensor's value, its external data read by this module (through symlinks: a Hugging Face cache
+    links every file into ``blobs/``, which onnx's own reader refuses)."""
+    if not uses_external_data(tensor):
         return numpy_helper.to_array(tensor)
+    inline = onnx.TensorProto()
+    inline.CopyFrom(tensor)  # a stub: the bytes are on disk
+    del inline.external_data[:]
+    inline.data_location = onnx.TensorProto.DEFAULT
+    inline.raw_data = tensor_bytes(tensor, base_dir)
+    return numpy_helper.to_array(inline)
 
 
 def tensor_bytes(tensor: onnx.TensorProto, base_dir: Path) -> bytes:
