@@ -85,6 +85,13 @@ def _npz_headers(path: Path) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
                     read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                                    else np.lib.format.read_array_header_2_0)
                     shape, _, dtype = read_header(f)
+                    header_end = f.tell()
+                claimed = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+                stored = z.getinfo(member).file_size - header_end
+                if dtype.hasobject or claimed > stored:
+                    raise SmoothQuantError(f"{path}: array {member[:-4]!r} claims shape {tuple(shape)} ({claimed} bytes) "
+                                           f"but holds {stored} bytes" + (" (object arrays are refused)"
+                                                                          if dtype.hasobject else ""))
                 headers[member[:-4]] = (np.dtype(dtype), tuple(shape))
     except (zipfile.BadZipFile, ValueError, OSError) as e:
         raise SmoothQuantError(f"{path}: not a readable .npz file ({e})") from None
@@ -137,7 +144,8 @@ class CalibrationData:
                 _check_array(self.description, by_name[name], value.dtype, value.shape, batched=True)
             return
         fixed = {s.shape[0] for s in specs if s.shape and s.shape[0] is not None}
-        if len(fixed) == 1:  # a model exported with a fixed batch size takes only that
+        fixed_batch = len(fixed) == 1
+        if fixed_batch:  # a model exported with a fixed batch size takes only that
             self.batch_size = fixed.pop()
         total = 0
         for path in self._files:
@@ -149,7 +157,15 @@ class CalibrationData:
             for spec in specs:
                 dtype, shape = headers[spec.name]
                 _check_array(str(path), spec, dtype, shape, batched=True)
-            total += next(iter(counts.values()), 0)
+            if specs and all(0 in headers[spec.name][1][1:] for spec in specs):
+                raise SmoothQuantError(f"{path}: every input has a zero-length dimension "
+                                       f"({ {spec.name: headers[spec.name][1] for spec in specs} }): "
+                                       f"zero-length samples calibrate nothing")
+            n = next(iter(counts.values()), 0)
+            if self.batch_size and fixed_batch and n % self.batch_size:
+                raise SmoothQuantError(f"{path}: {n} samples, but the model takes batches of exactly "
+                                       f"{self.batch_size} (its inputs' first dimension): give a multiple of it")
+            total += n
         if total == 0:
             raise SmoothQuantError(f"{self.description}: calibration set is empty (0 samples)")
 

@@ -1,8 +1,12 @@
-"""Non-finite numbers: a NaN or Inf in calibration data or in the model's own activations is one clear
-error naming where; a weight holding NaN/Inf is left as it is, with the reason; no scale written is
-ever non-finite, for any target."""
+"""Bad numbers and bad calibration files: NaN or Inf in calibration data or in the model's own
+activations is one error naming where; a weight holding NaN/Inf is left as it is, with the reason; no
+scale written is ever non-finite, for any target; calibration files are checked from their headers
+(claimed sizes, zero-length samples, a fixed batch) before any work."""
 
 from __future__ import annotations
+
+import io
+import zipfile
 
 import numpy as np
 import onnx
@@ -15,16 +19,17 @@ from passes.pipeline import run_smoothquant
 from test_quant_options import config
 
 
-def two_matmuls(path, w2=None, log=False):
-    """x -> MatMul(w1) [-> Log] -> MatMul(w2) -> y."""
+def two_matmuls(path, w2=None, log=False, seq=False):
+    """x -> MatMul(w1) [-> Log] -> MatMul(w2) -> y; ``seq``: x is [n, s, 8]."""
     rng = np.random.default_rng(0)
     w1 = rng.normal(size=(8, 8)).astype(np.float32)
     w2 = rng.normal(size=(8, 4)).astype(np.float32) if w2 is None else w2
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1")]
     nodes += [helper.make_node("Log", ["h"], ["hl"], name="log")] if log else [helper.make_node("Relu", ["h"], ["hl"])]
     nodes.append(helper.make_node("MatMul", ["hl", "w2"], ["y"], name="fc2"))
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+    dims = ["n", "s"] if seq else ["n"]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*dims, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*dims, 4])],
                               [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
     return [{"x": rng.normal(size=(16, 8)).astype(np.float32)} for _ in range(2)]
@@ -58,3 +63,35 @@ def test_a_non_finite_weight_is_left_alone_with_the_reason(tmp_path, target, bad
     for t in out.graph.initializer:
         if "scale" in t.name:
             assert np.isfinite(numpy_helper.to_array(t)).all(), t.name
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("huge_header", "claims shape"),
+    ("zero_length", "zero-length samples calibrate nothing"),
+])
+def test_calibration_files_checked_before_any_work(tmp_path, case, needle):
+    """An .npz whose header claims more than it holds (10^12 samples) and samples of zero length are
+    refused from the headers, before calibration starts."""
+    two_matmuls(tmp_path / "m.onnx", seq=True)
+    path = tmp_path / "c.npz"
+    if case == "zero_length":
+        np.savez(path, x=np.zeros((4, 0, 8), np.float32))
+    else:  # a valid zip whose x.npy header says 10^12 samples in front of 4 samples' bytes
+        npy = io.BytesIO()
+        np.lib.format.write_array_header_1_0(npy, {"descr": "<f4", "fortran_order": False,
+                                                   "shape": (10**12, 2, 8)})
+        npy.write(np.zeros((4, 2, 8), np.float32).tobytes())
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("x.npy", npy.getvalue())
+    with pytest.raises(SmoothQuantError, match=needle):
+        run_smoothquant(tmp_path / "m.onnx", tmp_path / "q.onnx", calib=path, config=config())
+
+
+def test_a_fixed_batch_that_does_not_divide_the_samples_is_refused_first(tmp_path):
+    two_matmuls(tmp_path / "m.onnx")
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2  # exported with batch 2
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "c.npz", x=np.zeros((5, 8), np.float32))
+    with pytest.raises(SmoothQuantError, match="5 samples, but the model takes batches of exactly 2"):
+        run_smoothquant(tmp_path / "m.onnx", tmp_path / "q.onnx", calib=tmp_path / "c.npz", config=config())
