@@ -230,5 +230,5 @@ def _finite(feed: dict[str, np.ndarray], where: str, first_row: int = 0) -> dict
         if value.dtype.kind == "f" and not np.isfinite(value).all():
             bad = np.argwhere(~np.isfinite(value.reshape(len(value), -1)))[0][0] if value.ndim else 0
             raise SmoothQuantError(f"{where}: input {name!r} holds NaN or Inf (sample {first_row + int(bad)}); "
-                                   f"calibration data must be finite")
+                                   f"the data must be finite")
     return feed

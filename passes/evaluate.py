@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from calibrators.data import CalibrationData
+from calibrators.data import CalibrationData, model_inputs
 from calibrators.minmax import inference_session
 from passes.ir.errors import SmoothQuantError
 from passes.ir.onnx_io import load_model
@@ -115,6 +115,7 @@ def evaluate(reference: str | os.PathLike, candidate: str | os.PathLike, data: s
         raise SmoothQuantError(f"{candidate}: inputs {sorted(i.name for i in cand.get_inputs())} differ from "
                                f"{reference}'s {sorted(ref_inputs)}")
     loader = CalibrationData(data, batch_size)
+    loader.check(model_inputs(ref_model.proto))  # names, dtypes, shapes: one line before any run
     err_num: dict[str, float] = {}
     err_den: dict[str, float] = {}
     emb_ref, emb_cand = [], []

@@ -95,3 +95,17 @@ def test_a_fixed_batch_that_does_not_divide_the_samples_is_refused_first(tmp_pat
     np.savez(tmp_path / "c.npz", x=np.zeros((5, 8), np.float32))
     with pytest.raises(SmoothQuantError, match="5 samples, but the model takes batches of exactly 2"):
         run_smoothquant(tmp_path / "m.onnx", tmp_path / "q.onnx", calib=tmp_path / "c.npz", config=config())
+
+
+@pytest.mark.parametrize("bad, needle", [
+    (lambda x: x.astype(np.float64), "has dtype float64"),
+    (lambda x: x[:, :7], "the model expects 8"),
+    (lambda x: np.where(np.arange(x.size).reshape(x.shape) == 9, np.nan, x).astype(np.float32), "holds NaN or Inf"),
+])
+def test_evaluate_validates_its_data(tmp_path, bad, needle):
+    from passes.evaluate import evaluate
+
+    feeds = two_matmuls(tmp_path / "m.onnx")
+    np.savez(tmp_path / "eval.npz", x=bad(feeds[0]["x"]))
+    with pytest.raises(SmoothQuantError, match=needle):
+        evaluate(tmp_path / "m.onnx", tmp_path / "m.onnx", tmp_path / "eval.npz")
