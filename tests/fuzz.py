@@ -2,13 +2,13 @@
 
 Each case builds a model from random blocks (LayerNorm or a decomposed RMSNorm, linear layers with
 and without bias, weights shared between layers, GELU/ReLU/SiLU, residual adds, an ``If`` whose
-branch reads an outer activation and weight), at a random opset, inline or with external data, with
-calibration data; then maybe corrupts the model, its data or the output paths, and runs
+branch reads an outer activation and weight), in float32 or float16, at a random opset, inline or with
+external data, with calibration data; then maybe corrupts the model, its data or the output paths, and runs
 ``python -m passes.smoothquant`` in-process with random flags. Properties:
 
 1. never a traceback: ``main`` returns an exit code (0, 1 or 2) and raises nothing;
 2. never exit 0 with an invalid output: it loads in ONNX Runtime and, with ``--smooth-only``, matches
-   the input model within 1e-4 on fresh random inputs;
+   the input model within 1e-4 (fp16 models: 1e-2) on fresh random inputs;
 3. never an input changed (sha256 of every file there before the run);
 4. nothing partial: on failure no new file, on success no temporary left.
 
@@ -50,8 +50,8 @@ class Case:
 
 
 class _Builder:
-    def __init__(self, rng: np.random.Generator, k: int):
-        self.rng, self.k = rng, k
+    def __init__(self, rng: np.random.Generator, k: int, dtype=np.float32):
+        self.rng, self.k, self.dtype = rng, k, dtype
         self.nodes, self.inits, self.count = [], [], 0
 
     def name(self, stem: str) -> str:
@@ -60,7 +60,7 @@ class _Builder:
 
     def const(self, value: np.ndarray, stem: str = "c") -> str:
         name = self.name(stem)
-        self.inits.append(numpy_helper.from_array(value.astype(np.float32), name))
+        self.inits.append(numpy_helper.from_array(value.astype(self.dtype), name))
         return name
 
     def node(self, op: str, inputs: list[str], **attrs) -> str:
@@ -105,7 +105,8 @@ def random_model(rng: np.random.Generator, folder: Path) -> tuple[Path, int]:
     """The model file (inline or with external data ``model.weights``) and its width."""
     k = int(rng.choice([8, 16]))
     opset = int(rng.choice([13, 17, 18, 19, 21]))
-    b = _Builder(rng, k)
+    half = rng.random() < 0.2
+    elem, b = (TensorProto.FLOAT16, _Builder(rng, k, np.float16)) if half else (TensorProto.FLOAT, _Builder(rng, k))
     x, shared, with_if = "x", None, rng.random() < 0.4
     for _ in range(int(rng.integers(1, 4))):
         h = b.norm(x, opset)
@@ -115,16 +116,16 @@ def random_model(rng: np.random.Generator, folder: Path) -> tuple[Path, int]:
             y2, _ = b.linear(h, k)
             y1 = b.node("Add", [y1, b.act(y2)])
         x = b.node("Add", [x, y1])
-    outputs = [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)]
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, k])]
+    outputs = [helper.make_tensor_value_info(x, elem, None)]
+    inputs = [helper.make_tensor_value_info("x", elem, ["n", 4, k])]
     if with_if:
         then = helper.make_graph([helper.make_node("MatMul", [h, shared], ["t_out"], name="then_mm")], "then", [],
-                                 [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, None)])
+                                 [helper.make_tensor_value_info("t_out", elem, None)])
         other = helper.make_graph([helper.make_node("Identity", [h], ["e_out"], name="else_id")], "else", [],
-                                  [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, None)])
+                                  [helper.make_tensor_value_info("e_out", elem, None)])
         cond = b.node("Greater", [b.node("ReduceMax", ["x"], keepdims=0), b.const(np.array(0.0))])
         b.nodes.append(helper.make_node("If", [cond], ["z"], then_branch=then, else_branch=other, name="branch"))
-        outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, None))
+        outputs.append(helper.make_tensor_value_info("z", elem, None))
     for vi in outputs:  # the checker wants a shape on graph outputs
         vi.type.tensor_type.shape.dim.add().dim_param = "a"
         vi.type.tensor_type.shape.dim.add().dim_param = "b"
@@ -132,15 +133,15 @@ def random_model(rng: np.random.Generator, folder: Path) -> tuple[Path, int]:
     graph = helper.make_graph(b.nodes, "fuzz", inputs, outputs, b.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
     path = folder / "model.onnx"
-    if rng.random() < 0.4:
+    if rng.random() < 0.4 and not half:
         onnx.save(model, str(path), save_as_external_data=True, location="model.weights", size_threshold=256)
     else:
         onnx.save(model, str(path))
     return path, k
 
 
-def _feed(rng: np.random.Generator, k: int) -> dict:
-    return {"x": (rng.normal(size=(int(rng.integers(1, 4)), 4, k)) + rng.choice([-0.5, 0.5])).astype(np.float32)}
+def _feed(rng: np.random.Generator, k: int, dtype=np.float32) -> dict:
+    return {"x": (rng.normal(size=(int(rng.integers(1, 4)), 4, k)) + rng.choice([-0.5, 0.5])).astype(dtype)}
 
 
 def _state(folder: Path) -> dict[str, str]:
@@ -192,19 +193,21 @@ def _corrupt(kind: str, rng: np.random.Generator, folder: Path, model: Path, cal
     return []
 
 
-def _exact(model: Path, out: Path, rng: np.random.Generator, k: int) -> float:
-    feed = _feed(rng, k)
+def _exact(model: Path, out: Path, rng: np.random.Generator, k: int, dtype) -> float:
+    feed = _feed(rng, k, dtype)
     ref = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, feed)
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feed)
-    return max(float(np.abs(r - g).max() / max(np.abs(r).max(), 1e-6)) for r, g in zip(ref, got))
+    return max(float(np.abs(r.astype(np.float64) - g).max() / max(np.abs(r).max(), 1e-6)) for r, g in zip(ref, got))
 
 
 def run_case(seed: int, folder: Path) -> Case:
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     model, k = random_model(rng, folder)
+    dtype = np.float16 if onnx.load(str(model), load_external_data=False).graph.input[0].type.tensor_type.elem_type \
+        == TensorProto.FLOAT16 else np.float32
     calib = folder / "model.calib.npz"
-    np.savez(calib, x=np.concatenate([_feed(rng, k)["x"] for _ in range(int(rng.integers(1, 4)))]))
+    np.savez(calib, x=np.concatenate([_feed(rng, k, dtype)["x"] for _ in range(int(rng.integers(1, 4)))]))
     case = Case(seed, MODES[int(rng.integers(len(MODES)))], CORRUPTIONS[int(rng.integers(len(CORRUPTIONS)))])
     extra = _corrupt(case.corruption, rng, folder, model, calib, case.mode)
     out = folder / "out.onnx"
@@ -235,10 +238,10 @@ def run_case(seed: int, folder: Path) -> Case:
             case.problems.append("exit 1 without exactly one error line")
         return case
     try:
-        err = _exact(model, out, rng, k)
+        err = _exact(model, out, rng, k, dtype)
     except Exception as e:  # noqa: BLE001
         case.problems.append(f"exit 0 but the output does not run: {type(e).__name__}: {str(e).splitlines()[0]}")
         return case
-    if "--smooth-only" in case.mode and err > 1e-4:
+    if "--smooth-only" in case.mode and err > (1e-4 if dtype == np.float32 else 1e-2):
         case.problems.append(f"--smooth-only output differs from the input model by {err:.2e}")
     return case
