@@ -151,11 +151,10 @@ class IBuilderConfig: ...
 class ITensor: ...
 
 
-class Dims:
-    MAX_DIMS = 8
+class _Items:
+    """A fixed-length sequence (``Dims``, ``DimsExprs``)."""
 
-    def __init__(self, shape=()):
-        self._d = [0] * shape if isinstance(shape, int) else [int(d) for d in shape]
+    _d: list
 
     def __len__(self):
         return len(self._d)
@@ -165,6 +164,13 @@ class Dims:
 
     def __getitem__(self, i):
         return self._d[i]
+
+
+class Dims(_Items):
+    MAX_DIMS = 8
+
+    def __init__(self, shape=()):
+        self._d = [0] * shape if isinstance(shape, int) else [int(d) for d in shape]
 
     def __setitem__(self, i, v):
         self._d[i] = int(v)
@@ -222,18 +228,9 @@ class IExprBuilder:
         raise NotImplementedError("size tensors are not used by the smoothquant plugins")
 
 
-class DimsExprs:
+class DimsExprs(_Items):
     def __init__(self, n: int = 0):
         self._d = [None] * n
-
-    def __len__(self):
-        return len(self._d)
-
-    def __iter__(self):
-        return iter(self._d)
-
-    def __getitem__(self, i):
-        return self._d[i]
 
     def __setitem__(self, i, expr):
         if not isinstance(expr, IDimensionExpr):
