@@ -303,11 +303,20 @@ def find_fold_site(view: GraphView, activation: str, linear_by_output: dict[str,
         return f"{activation!r} has no producer"
     op = node.op_type
     is_const = lambda t: _const_channel(view, t, channels, channel_axis, rank)  # noqa: E731
+    if channel_axis == -1 and _keeps_channels(view, node, channels) and view.exclusive(node.input[0], [node]):
+        # X = Reshape/Transpose(Z) with Z's last axis kept as X's: absorb 1/s where Z's is absorbed
+        inner = find_fold_site(view, node.input[0], linear_by_output, channels, channel_axis, rank, fold_scalars,
+                               attention_values)
+        if not isinstance(inner, str):
+            return inner
 
     if op == "LayerNormalization" and channel_axis == -1 and attribute(node, "axis", -1) == -1:
         if is_const(node.input[1]) and (len(node.input) < 3 or not node.input[2] or is_const(node.input[2])):
             consts = [(node, 1)] + ([(node, 2)] if len(node.input) > 2 and node.input[2] else [])
             return AffineFold("LayerNormalization", tuple(consts), channel_axis, rank)
+    if op == "RMSNormalization" and channel_axis == -1 and attribute(node, "axis", -1) == -1 \
+            and is_const(node.input[1]):  # opset 23
+        return AffineFold("RMSNormalization", ((node, 1),), channel_axis, rank)
     if op == "BatchNormalization" and channel_axis == 1 and not attribute(node, "training_mode", 0):
         # scale and B are plain [C] vectors indexed by the channel axis, not broadcast: check them as 1-D
         if all(_const_channel(view, node.input[i], channels, -1, None) for i in (1, 2)):
@@ -346,6 +355,22 @@ def find_fold_site(view: GraphView, activation: str, linear_by_output: dict[str,
         if path is not None:
             return AttentionValueFold(f"value projection {path.value.producer.name!r} (through P @ V)", path)
     return f"{activation!r} is produced by {view.node_label(node)}, which has no constant to absorb 1/s"
+
+
+def _keeps_channels(view: GraphView, node: onnx.NodeProto, channels: int) -> bool:
+    """``node`` is a layout op whose output's last axis is its input's (same channels, same order):
+    Identity, a Transpose keeping the last axis last, a Reshape to a constant shape ending in
+    ``channels`` (row-major order keeps channel ``i`` at position ``i`` of every row when both
+    last dimensions are ``channels``; the input's is, for the sites found upstream)."""
+    if node.op_type == "Identity":
+        return True
+    if node.op_type == "Transpose":
+        perm = attribute(node, "perm", None)
+        return perm is not None and len(perm) > 0 and perm[-1] == len(perm) - 1
+    if node.op_type == "Reshape" and len(node.input) > 1:
+        shape = view.constant_value(node.input[1])
+        return shape is not None and shape.ndim == 1 and shape.size > 0 and int(shape[-1]) == channels
+    return False
 
 
 def _out_width(view: GraphView, op: LinearOp) -> int:
