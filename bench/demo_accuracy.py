@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from passes.search.alpha import DEFAULT_GRID
+from passes.config import DEFAULT_ALPHA_GRID
 from passes import (CalibrationConfig, Precision, QuantizationConfig, SmoothingConfig, SmoothQuantConfig,
                     run_smoothquant)
 
@@ -42,7 +42,7 @@ def smoothing(alpha: str) -> SmoothingConfig:
     if alpha == "none":
         return SmoothingConfig(enabled=False)
     if alpha == "auto":
-        return SmoothingConfig(alpha_grid=DEFAULT_GRID)
+        return SmoothingConfig(alpha_grid=DEFAULT_ALPHA_GRID)
     return SmoothingConfig(alpha=float(alpha))
 
 

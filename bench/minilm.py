@@ -19,11 +19,10 @@ from pathlib import Path
 from models.export import export
 from bench.common import quantize_each
 from passes import CalibrationConfig, Precision, QuantizationConfig, SmoothingConfig, SmoothQuantConfig
-from passes.search.alpha import DEFAULT_GRID
-from passes.config import Target, Unfoldable, WeightRounding
+from passes.config import DEFAULT_ALPHA_GRID, Target, Unfoldable, WeightRounding
 from passes.evaluate import evaluate
 
-GRID = (*DEFAULT_GRID, 0.95, 1.0)
+GRID = (*DEFAULT_ALPHA_GRID, 0.95, 1.0)
 QUIET = CalibrationConfig(progress=False)
 
 

@@ -17,8 +17,7 @@ from pathlib import Path
 from models.export import export
 from bench.common import quantize_each
 from passes import CalibrationConfig, Precision, QuantizationConfig, SmoothingConfig, SmoothQuantConfig
-from passes.search.alpha import DEFAULT_GRID
-from passes.config import Granularity, Target, Unfoldable, WeightRounding
+from passes.config import DEFAULT_ALPHA_GRID, Granularity, Target, Unfoldable, WeightRounding
 from passes.evaluate import Task, evaluate
 
 QUIET = CalibrationConfig(progress=False, batch_size=4)
@@ -47,14 +46,14 @@ def settings() -> list[tuple[str, SmoothQuantConfig]]:
          cfg(SmoothingConfig(0.8), target=Target.ONNXRUNTIME, quantize_tied=True, **gptq)),
         ("fp8 per-tensor, no smoothing, gptq", cfg(SmoothingConfig(enabled=False), precision=Precision.FP8, **gptq)),
         ("fp8 per-tensor, α=0.5, gptq", cfg(SmoothingConfig(0.5), precision=Precision.FP8, **gptq)),
-        ("fp8 per-tensor, α auto, gptq", cfg(SmoothingConfig(alpha_grid=DEFAULT_GRID), precision=Precision.FP8, **gptq)),
+        ("fp8 per-tensor, α auto, gptq", cfg(SmoothingConfig(alpha_grid=DEFAULT_ALPHA_GRID), precision=Precision.FP8, **gptq)),
         ("fp8 per-tensor, α auto, --unfoldable split, gptq",
-         cfg(SmoothingConfig(alpha_grid=DEFAULT_GRID, unfoldable=Unfoldable.SPLIT), precision=Precision.FP8, **gptq)),
+         cfg(SmoothingConfig(alpha_grid=DEFAULT_ALPHA_GRID, unfoldable=Unfoldable.SPLIT), precision=Precision.FP8, **gptq)),
         ("int8 per-tensor, α=0.8, --fold-attention-values", cfg(SmoothingConfig(0.8, attention_values=True))),
         ("int8 per-tensor, α auto, --fold-attention-values",
          cfg(SmoothingConfig(alpha_grid=(0.5, 0.6, 0.7, 0.8, 0.9), attention_values=True))),
         ("fp8 per-tensor, α auto, --unfoldable split, gptq, --fold-attention-values",
-         cfg(SmoothingConfig(alpha_grid=DEFAULT_GRID, unfoldable=Unfoldable.SPLIT, attention_values=True),
+         cfg(SmoothingConfig(alpha_grid=DEFAULT_ALPHA_GRID, unfoldable=Unfoldable.SPLIT, attention_values=True),
              precision=Precision.FP8, **gptq)),
         ("int8 per-token, no smoothing", cfg(SmoothingConfig(enabled=False), **per_token)),
         ("int8 per-token, α=0.5", cfg(SmoothingConfig(0.5), **per_token)),

@@ -52,7 +52,6 @@ from passes.search.sensitivity import Trial, measure_group_candidates
 from passes.smooth import PlannedGroup, SmoothingGroup, group_scales, smoothed_range
 from passes.split import plan_split
 
-DEFAULT_GRID = DEFAULT_ALPHA_GRID
 SPLIT = "split"  # the candidate "outlier channels in FP, no smoothing"
 
 
@@ -100,7 +99,7 @@ def summarize_choices(choices: Sequence[AlphaChoice]) -> str:
 
 def search_alpha(model: LoadedModel, proto: onnx.ModelProto, view: GraphView, groups: Sequence[SmoothingGroup],
                  stats: ChannelStats, opset: int, config: QuantizationConfig, data: CalibrationData,
-                 grid: Sequence[float] = DEFAULT_GRID, *, split_ratio: float | None = None,
+                 grid: Sequence[float] = DEFAULT_ALPHA_GRID, *, split_ratio: float | None = None,
                  max_tokens: int | None = None, sample_columns: bool = True, progress: bool = True
                  ) -> tuple[list[PlannedGroup], list[SmoothingGroup], list[AlphaChoice]]:
     """Smoothing plan with the best candidate per group; groups best left alone (or split) come
