@@ -104,6 +104,9 @@ class CalibrationData:
     def __init__(self, source: str | Path | Iterable[Feed], batch_size: int = 8):
         if batch_size < 1:
             raise SmoothQuantError(f"batch size must be at least 1, got {batch_size}")
+        if isinstance(source, Mapping):
+            raise SmoothQuantError("calibration data is one feed dict: pass a list of them (calib=[feed]), "
+                                   "an .npz or a folder of them")
         self.batch_size = batch_size
         self._files: list[Path] | None = None
         self._iterable: Iterable[Feed] | None = None

@@ -10,6 +10,12 @@ Names load on first use, so submodules (and :mod:`calibrators`) import without c
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+
+try:
+    __version__ = importlib.metadata.version("smoothquant-onnx")
+except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 _EXPORTS = {
     "CalibrationConfig": "passes.config",
@@ -29,6 +35,10 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
 
 
 def __getattr__(name: str):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import re
+import typing
 from dataclasses import dataclass, field, replace
 
 from passes.ir.errors import SmoothQuantError
@@ -55,6 +57,23 @@ DEFAULT_ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 FAST_ALPHA = 0.8  # the one-pass path's α (--fast, or when the data cannot be read twice)
 
 
+def _coerce_enums(config) -> None:
+    """Enum fields given as strings (the CLI's spellings, ``"fp8"``, or member names) become members;
+    anything else is refused naming the field and the choices."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        kind, value = hints.get(f.name), getattr(config, f.name)
+        if not (isinstance(kind, type) and issubclass(kind, enum.Enum)) or isinstance(value, kind):
+            continue
+        by_text = {m.value: m for m in kind} | {m.name.lower(): m for m in kind}
+        member = by_text.get(value.lower().replace("_", "-")) or by_text.get(value.lower()) \
+            if isinstance(value, str) else None
+        if member is None:
+            raise SmoothQuantError(f"{type(config).__name__}.{f.name}: {value!r} is not one of "
+                                   f"{[m.value for m in kind]} (or {kind.__name__}.<NAME>)")
+        object.__setattr__(config, f.name, member)
+
+
 @dataclass(frozen=True)
 class SmoothingConfig:
     """``alpha``: one migration strength for every group (the one-pass path). None (the
@@ -76,6 +95,7 @@ class SmoothingConfig:
     attention_values: bool = False
 
     def __post_init__(self):
+        _coerce_enums(self)
         for a in ((self.alpha,) if self.alpha is not None else ()) + tuple(self.alpha_grid):
             if not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
                 raise SmoothQuantError(f"alpha must be a number in [0, 1], got {a!r}")
@@ -131,6 +151,7 @@ class QuantizationConfig:
     quantize_tied: bool = False
 
     def __post_init__(self):
+        _coerce_enums(self)
         if any(not 0.0 < r <= 1.0 for r in self.clip_grid):
             raise SmoothQuantError(f"clipping ratios must lie in (0, 1], got {self.clip_grid}")
         for pattern in self.exclude:

@@ -31,7 +31,7 @@ from passes.ir.errors import SmoothQuantError
 from passes.fold import GroupResult, SmoothingReport, fold_smoothing
 from passes.ir.graph import GraphView, ensure_opset_import, opset_version
 from passes.linear import LinearKind, LinearOp, find_linear_ops
-from passes.ir.onnx_io import LoadedModel, TensorStore, load_model, save_model
+from passes.ir.onnx_io import LoadedModel, TensorStore, inline_external_data, load_model, model_from_proto, save_model
 from passes.ir.paths import check_outputs, data_files, model_files
 from passes.ort_lowering import MS_DOMAIN, MS_VERSION, lower_for_onnxruntime
 from passes.ir.naming import NameFactory
@@ -77,7 +77,8 @@ def default_calibration_path(model_path: str | os.PathLike) -> Path | None:
     return None
 
 
-def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None = None, *,
+def run_smoothquant(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike | None = None, *,
+                base_dir: str | os.PathLike | None = None,
                 calib: CalibSource | None = None, stats: ChannelStats | Sequence[str | os.PathLike] | None = None,
                 stats_out: str | os.PathLike | None = None, config: SmoothQuantConfig = SmoothQuantConfig(),
                 write: bool = True) -> SmoothQuantResult:
@@ -87,8 +88,16 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
     ``<stem>.calib.npz`` beside the model. ``stats``: statistics to use instead of
     calibrating (a :class:`ChannelStats` or files written by ``stats_out``, merged).
     The input file is never modified; the output is written atomically.
+    ``model`` may be an ``onnx.ModelProto`` (``base_dir``: where its external data lies; it is not
+    modified); it then needs ``output`` unless ``write=False``. With ``write=False`` nothing is
+    written and ``result.model`` stands alone (its tensors inline, up to protobuf's 2 GiB).
     """
-    loaded = load_model(model)
+    if isinstance(model, onnx.ModelProto):
+        loaded = model_from_proto(model, base_dir)
+        if write and output is None:
+            raise SmoothQuantError("an in-memory model needs an output path (output=...), or write=False")
+    else:
+        loaded = load_model(model)
     smooth_only = config.quantization is None
     out_path = Path(output) if output is not None else default_output_path(loaded.path, smooth_only)
     reads = model_files(loaded.proto, loaded.path) + data_files(
@@ -163,6 +172,9 @@ def run_smoothquant(model: str | os.PathLike, output: str | os.PathLike | None =
                  for name in retie(view, untied)]
     result = SmoothQuantResult(loaded.proto, report, channel_stats, quant_report, layer_errors, alpha_choices,
                                clip_choices, messages=messages)
+    if not write and not inline_external_data(loaded.proto, loaded.base_dir):
+        messages.append(f"the model's tensors over 2 GiB still point at external data in {loaded.base_dir}: "
+                        f"write it (write=True) to keep it")
     if write:
         how = []
         result.written = save_model(loaded.proto, out_path, loaded.base_dir, inline_in_source=loaded.lazy_inline,

@@ -92,6 +92,41 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     return LoadedModel(proto, path, lazy)
 
 
+IN_MEMORY = "<in-memory model>"
+
+
+def model_from_proto(proto: onnx.ModelProto, base_dir: str | os.PathLike | None = None) -> LoadedModel:
+    """A model given as a proto (an export pipeline's), checked like a file; its external data is read
+    from ``base_dir`` (default: the current folder). The pipeline works on a copy: ``proto`` is never
+    modified."""
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    label = base / IN_MEMORY
+    if not proto.graph.node:
+        raise SmoothQuantError(f"{label}: the graph has no nodes")
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    try:
+        onnx.checker.check_model(_without_external_data(copy))
+    except (onnx.checker.ValidationError, UnicodeDecodeError, ValueError) as e:
+        raise SmoothQuantError(f"{label}: ONNX checker rejected the model: {str(e).strip().splitlines()[0]}") from None
+    check_external_data(copy, base, label)
+    return LoadedModel(copy, label)
+
+
+def inline_external_data(proto: onnx.ModelProto, base_dir: Path) -> bool:
+    """Read every external tensor of ``proto`` into it (so it stands alone); False, untouched, if that
+    would pass protobuf's 2 GiB."""
+    if _total_tensor_bytes(proto) + proto.ByteSize() >= PROTOBUF_LIMIT:
+        return False
+    for t in proto.graph.initializer:
+        if uses_external_data(t):
+            raw = tensor_bytes(t, base_dir)
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+            t.raw_data = raw
+    return True
+
+
 def _without_external_data(proto: onnx.ModelProto) -> onnx.ModelProto:
     """A copy whose external tensors are empty placeholders of their type (for checking the graph alone)."""
     light = onnx.ModelProto()
