@@ -10,6 +10,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import passes
+
 from passes.config import (DEFAULT_ALPHA_GRID, FAST_ALPHA, CalibrationConfig, Granularity, Precision, QuantizationConfig,
                            SmoothingConfig, SmoothQuantConfig, Target, Unfoldable, WeightRounding, WeightStorage)
 from calibrators.data import model_inputs
@@ -28,6 +30,7 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m passes.smoothquant", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", help="input ONNX model (never modified; external data is read in place)")
+    p.add_argument("--version", action="version", version=f"smoothquant-onnx {passes.__version__}")
     p.add_argument("-o", "--output", help="output model (default: MODEL.sq.onnx, or MODEL.smooth.onnx with --smooth-only)")
     p.add_argument("--calib", help="calibration data: .npz (keys = input names, samples on axis 0) or a folder of them "
                                    "(default: MODEL.calib.npz beside the model)")
