@@ -180,8 +180,12 @@ def inference_session(proto: onnx.ModelProto, base_dir: Path, providers: Sequenc
         options.add_external_initializers([t.name for t in big] + linked, values)
     if proto.ByteSize() >= PROTOBUF_LIMIT:
         raise SmoothQuantError("the calibration graph exceeds 2 GiB: store the model's weights as external data")
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=list(providers),
-                                   disabled_optimizers=list(disabled_optimizers) or None)
+    try:
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=list(providers),
+                                       disabled_optimizers=list(disabled_optimizers) or None)
+    except Exception as e:  # noqa: BLE001 - ORT's own exception types (types, shapes, unknown ops)
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SmoothQuantError(f"ONNX Runtime cannot load the model (from {base_dir}): {detail}") from None
     session._sq_external_initializers = (arrays, values)  # ORT reads them in place: keep them alive
     return session
 

@@ -1,8 +1,8 @@
 """A seeded fuzzer for the command line: random small graphs, random corruptions, four properties.
 
 Each case builds a model from random blocks (LayerNorm or a decomposed RMSNorm, linear layers with
-and without bias, weights shared between layers, GELU/ReLU/SiLU, residual adds, an ``If`` whose
-branch reads an outer activation and weight), in float32 or float16, at a random opset, inline or with
+and without bias, weights shared between layers, GELU/ReLU/SiLU, residual adds, an ``If`` or a
+``Loop`` whose body reads an outer activation and weight), in float32 or float16, at a random opset, inline or with
 external data, with calibration data; then maybe corrupts the model, its data or the output paths, and runs
 ``python -m passes.smoothquant`` in-process with random flags. Properties:
 
@@ -118,7 +118,7 @@ def random_model(rng: np.random.Generator, folder: Path) -> tuple[Path, int]:
         x = b.node("Add", [x, y1])
     outputs = [helper.make_tensor_value_info(x, elem, None)]
     inputs = [helper.make_tensor_value_info("x", elem, ["n", 4, k])]
-    if with_if:
+    if with_if and rng.random() < 0.5:  # an If whose then-branch reads h and the shared weight
         then = helper.make_graph([helper.make_node("MatMul", [h, shared], ["t_out"], name="then_mm")], "then", [],
                                  [helper.make_tensor_value_info("t_out", elem, None)])
         other = helper.make_graph([helper.make_node("Identity", [h], ["e_out"], name="else_id")], "else", [],
@@ -126,6 +126,20 @@ def random_model(rng: np.random.Generator, folder: Path) -> tuple[Path, int]:
         cond = b.node("Greater", [b.node("ReduceMax", ["x"], keepdims=0), b.const(np.array(0.0))])
         b.nodes.append(helper.make_node("If", [cond], ["z"], then_branch=then, else_branch=other, name="branch"))
         outputs.append(helper.make_tensor_value_info("z", elem, None))
+    elif with_if:  # a Loop whose body reads h and the shared weight, two iterations
+        body = helper.make_graph(
+            [helper.make_node("MatMul", [h, shared], ["step"], name="body_mm"),
+             helper.make_node("Identity", ["cond_in"], ["cond_out"], name="body_cond")], "body",
+            [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+             helper.make_tensor_value_info("cond_in", TensorProto.BOOL, [])],
+            [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+             helper.make_tensor_value_info("step", elem, None)])
+        trips = b.name("trips")
+        b.inits.append(numpy_helper.from_array(np.array(2, np.int64), trips))
+        b.nodes.append(helper.make_node("Loop", [trips, ""], ["z"], body=body, name="loop"))
+        z = helper.make_tensor_value_info("z", elem, None)
+        z.type.tensor_type.shape.dim.add().dim_param = "t"
+        outputs.append(z)
     for vi in outputs:  # the checker wants a shape on graph outputs
         vi.type.tensor_type.shape.dim.add().dim_param = "a"
         vi.type.tensor_type.shape.dim.add().dim_param = "b"

@@ -9,12 +9,11 @@ import pytest
 from fuzz import run_case
 
 CASES = int(os.environ.get("SMOOTHQUANT_FUZZ_CASES", "40"))
-# Seeds python -m bench.fuzz found problems with (then fixed): a flipped byte that made a string
-# field invalid UTF-8 (ONNX's checker raised UnicodeDecodeError).
-FOUND = (1422, 2135)
+# What python -m bench.fuzz found (a corrupt string that is not UTF-8, a type only ONNX Runtime
+# checks) has its own test in tests/test_io_safety.py: seeds change meaning when the generator grows.
 
 
-@pytest.mark.parametrize("seed", [*range(CASES), *FOUND])
+@pytest.mark.parametrize("seed", range(CASES))
 def test_fuzz_case(seed, tmp_path):
     case = run_case(seed, tmp_path / "case")
     assert not case.problems, (case.mode, case.corruption, case.code, case.problems)

@@ -129,3 +129,23 @@ def test_a_hugging_face_cache_layout_works(tmp_path, capsys, external):
     assert check_main([str(snap / "model.onnx"), "-q"]) == 0
     assert evaluate_main([str(snap / "model.onnx"), str(out), "--data", str(tmp_path / "calib.npz")]) == 0
     assert "max_rel_err" in capsys.readouterr().out
+
+
+def _tiny_add(path, op_type: str = "Add", const=np.float32(1.0)):
+    graph = helper.make_graph([helper.make_node(op_type, ["x", "c"], ["y"], name="add")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+                              [numpy_helper.from_array(np.asarray(const), "c")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+
+
+def test_found_by_the_fuzzer_are_one_line(work, capsys):
+    """A string that is not UTF-8 in the checker's message (it raised UnicodeDecodeError), and a type
+    mismatch only ONNX Runtime's session creation notices (it was a traceback)."""
+    _tiny_add(work / "bad.onnx", op_type="Zz")
+    raw = (work / "bad.onnx").read_bytes().replace(b"Zz", b"\xff\xfe", 1)
+    (work / "bad.onnx").write_bytes(raw)
+    refused(work, capsys, [work / "bad.onnx", "--smooth-only", "-o", work / "out.onnx"], "not UTF-8")
+    _tiny_add(work / "typed.onnx", const=np.int64(1))
+    np.savez(work / "typed.calib.npz", x=np.ones((2, 4), np.float32))
+    refused(work, capsys, [work / "typed.onnx", "-o", work / "out.onnx"], "ONNX Runtime cannot load", "(add)")
