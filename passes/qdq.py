@@ -36,13 +36,16 @@ from tqdm import tqdm
 from passes.config import Precision, QuantizationConfig, Target, WeightStorage
 from passes.ir.errors import SmoothQuantError
 from passes.gptq import gptq_round
-from passes.ir.graph import GraphView
-from passes.linear import LinearOp
+from passes.ir.graph import GraphView, attribute
+from passes.linear import LinearKind, LinearOp
 from passes.ir.naming import NameFactory
 
 INT8_MAX = 127.0
 FP8_E4M3_MAX = 448.0
 UINT8_LEVELS = 255.0
+
+
+SHIFT_GAIN = 1.25  # shift an activation when its step gets at least this much finer
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,12 @@ class ActivationRange:
 
     def valid(self) -> bool:
         return bool(np.isfinite(self.lo) and np.isfinite(self.hi) and self.amax > 0)
+
+    def shift(self, min_gain: float = SHIFT_GAIN) -> float:
+        """The middle of ``[lo, hi]`` when quantizing ``X - c`` symmetrically takes a step at least
+        ``min_gain`` times finer than quantizing ``X`` (one-sided ranges: up to 2x); else 0."""
+        half = (self.hi - self.lo) / 2
+        return (self.hi + self.lo) / 2 if half > 0 and self.amax >= min_gain * half else 0.0
 
     def uint8_params(self) -> tuple[float, int]:
         """Asymmetric uint8 scale and zero point for ``[min(lo, 0), max(hi, 0)]``."""
@@ -151,8 +160,9 @@ def quantize_linear_ops(view: GraphView, linear_ops: list[LinearOp], ranges: dic
     names = NameFactory(view.all_names())
     report = QuantReport(config.precision, gptq=hessians is not None)
     act_dq: dict[str, str] = {}
-    weight_dq: dict[tuple[str, int], str] = {}
+    weight_dq: dict[tuple[str, int], tuple[str, np.ndarray]] = {}
     new_nodes: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []  # (node to insert, insert before)
+    after: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []  # (node to insert, insert after)
     for op in tqdm(linear_ops, desc="rounding weights (GPTQ)", unit="op", leave=False,
                    disable=not (progress and hessians)):
         node, x = op.node, op.node.input[0]
@@ -167,39 +177,65 @@ def quantize_linear_ops(view: GraphView, linear_ops: list[LinearOp], ranges: dic
             raise SmoothQuantError(f"activation {x!r} (read by {op.name!r}) is {dtype}: QuantizeLinear takes it only "
                                    f"from opset 19, the model has {opset} (use --precision fp8, or convert the model)")
         if x not in act_dq:
+            shift = 0.0
             if config.target is Target.ONNXRUNTIME:
                 a, z = rng.uint8_params()
                 zero_value = np.array(z, dtype=np.uint8)
             else:
-                a, zero_value = rng.amax / fmt.qmax, np.zeros((), dtype=fmt.dtype())
+                if config.activation_shift and op.kind is not LinearKind.CONV:
+                    shift = float(np.array(rng.shift(), dtype=dtype))
+                a = (rng.amax if not shift else (rng.hi - rng.lo) / 2) / fmt.qmax
+                zero_value = np.zeros((), dtype=fmt.dtype())
             scale, zero = names.scale(x), names.zero_point(x)
             if not (np.isfinite(a) and a > 0 and np.isfinite(np.array(a, dtype=dtype))):
                 raise SmoothQuantError(f"activation {x!r}: scale {a!r} is not finite and positive in {dtype}")
             view.set_initializer(scale, np.array(a, dtype=dtype))
             view.set_initializer(zero, zero_value)
+            q_in = x
+            if shift:  # X - c, symmetric: the GEMM's output gets c Σ_k W back below
+                q_in, c_name = names.shifted(x), names.shift(x)
+                view.set_initializer(c_name, np.array(shift, dtype=dtype))
+                new_nodes.append((helper.make_node("Sub", [x, c_name], [q_in], name=names.shift_node(x)), node))
             q_out, dq_out = names.quantized(x), names.dequantized(x)
-            new_nodes.append((helper.make_node("QuantizeLinear", [x, scale, zero], [q_out], name=names.q_node(x)), node))
+            new_nodes.append((helper.make_node("QuantizeLinear", [q_in, scale, zero], [q_out], name=names.q_node(x)),
+                              node))
             new_nodes.append((helper.make_node("DequantizeLinear", [q_out, scale, zero], [dq_out],
                                                name=names.dq_node(x)), node))
-            act_dq[x] = dq_out
+            act_dq[x] = (dq_out, shift)
         source = view.constant_source(node.input[1])
         key = (source, op.weight_out_axis)
         if key not in weight_dq:
             weight_dq[key] = _quantize_weight_input(view, names, source, op.weight_out_axis, fmt, config.weights,
                                                     new_nodes, node, (hessians or {}).get(source))
-        node.input[0] = act_dq[x]
-        node.input[1] = weight_dq[key]
+        (dq_x, shift), (dq_w, sums) = act_dq[x], weight_dq[key]
+        node.input[0], node.input[1] = dq_x, dq_w
+        if shift:
+            after.append((_shift_correction(view, names, node, shift, sums, dtype), node))
         report.quantized.append(op.name)
     view.insert(new_nodes)
+    view.insert(after, after=True)
     view.rebuild()
     view.drop_unused_initializers()
     return report
 
 
+def _shift_correction(view: GraphView, names: NameFactory, node: onnx.NodeProto, shift: float, sums: np.ndarray,
+                      dtype: np.dtype) -> onnx.NodeProto:
+    """``node`` reads DQ(Q(X - c)): its output gets ``c Σ_k W_dq[k, :]`` (``sums``; times Gemm's alpha)
+    added back, so the result is X W_dq as without the shift. Returns the Add, to go right after ``node``."""
+    correction = shift * sums * attribute(node, "alpha", 1.0)
+    y = node.output[0]
+    raw, c_name = names.unshifted(y), names.shift_correction(y)
+    view.set_initializer(c_name, correction.astype(dtype))
+    node.output[0] = raw
+    return helper.make_node("Add", [raw, c_name], [y], name=names.shift_correction_node(y))
+
+
 def _quantize_weight_input(view: GraphView, names: NameFactory, source: str, axis: int, fmt: QuantFormat,
                            storage: WeightStorage, new_nodes: list, before: onnx.NodeProto,
-                           hessian: np.ndarray | None = None) -> str:
-    """Per-output-channel weight Q/DQ; returns the dequantized tensor the linear op reads."""
+                           hessian: np.ndarray | None = None) -> tuple[str, np.ndarray]:
+    """Per-output-channel weight Q/DQ; returns the dequantized tensor the linear op reads, and that
+    tensor's sums over its input axes (one per output channel)."""
     w = view.store.array(source)
     w_scale = per_channel_weight_scale(w, axis, fmt.qmax)
     if not (np.isfinite(w_scale).all() and (w_scale > 0).all()):
@@ -209,11 +245,14 @@ def _quantize_weight_input(view: GraphView, names: NameFactory, source: str, axi
     view.set_initializer(s_name, w_scale)
     view.set_initializer(z_name, np.zeros(w_scale.size, dtype=fmt.dtype()))
     dq_out, q_name = names.dequantized(source), names.quantized(source)
+    q = quantize_weight(w, w_scale, axis, fmt, hessian if storage is WeightStorage.QUANTIZED else None)
+    # Σ over the input axes of the dequantized weight, per output channel (for a shifted activation)
+    sums = q.astype(np.float64).sum(axis=tuple(a for a in range(w.ndim) if a != axis)) * w_scale.astype(np.float64)
     if storage is WeightStorage.QUANTIZED:
-        view.set_initializer(q_name, quantize_weight(w, w_scale, axis, fmt, hessian))
+        view.set_initializer(q_name, q)
     else:
         new_nodes.append((helper.make_node("QuantizeLinear", [source, s_name, z_name], [q_name],
                                            name=names.q_node(source), axis=axis), before))
     new_nodes.append((helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [dq_out],
                                        name=names.dq_node(source), axis=axis), before))
-    return dq_out
+    return dq_out, sums

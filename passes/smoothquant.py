@@ -85,6 +85,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="nearest, or gptq: round each weight so the op's output error on the calibration data is "
                         "small (one more pass over the data; MatMul/Gemm weights). Default auto: gptq where the "
                         "calibration data can be read again, nearest with --fast")
+    p.add_argument("--no-activation-shift", action="store_true",
+                   help="TensorRT target: quantize one-sided activations (after GELU) symmetrically around 0 "
+                        "instead of around their middle (by default X - c is quantized and c·ΣW added back)")
     p.add_argument("--quantize-tied", action="store_true",
                    help="also smooth and quantize MatMuls that read Transpose of a constant (a tied LM head reading "
                         "the embedding), on their own transposed copy; by default they stay FP")
@@ -150,7 +153,7 @@ def config_from_args(args: argparse.Namespace) -> SmoothQuantConfig:
             clip_grid=_ratios(args.clip_grid) if args.clip == "search" else (),
             granularity=Granularity(args.granularity),
             weight_rounding=WeightRounding(args.weight_rounding or ("nearest" if args.fast else "auto")),
-            quantize_tied=args.quantize_tied),
+            quantize_tied=args.quantize_tied, activation_shift=not args.no_activation_shift),
     )
 
 

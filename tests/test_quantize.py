@@ -57,20 +57,27 @@ def test_structure(demo_dir, tmp_path, name, n_linear):
 
 
 def test_activation_scale_is_smoothed_range(demo_dir, tmp_path):
-    """max|X'| = max_j(amax_j / s_j): equal to the real range of the smoothed activation on the same data."""
+    """max|X'| = max_j(amax_j / s_j): equal to the real range of the smoothed activation on the same data;
+    for an activation quantized shifted (X' - c), half its real spread, with c its middle."""
     path = demo_dir / "tiny_llama.onnx"
     quantize(path, tmp_path / "q.onnx")
     run_smoothquant(path, tmp_path / "s.onnx", config=SmoothQuantConfig(SmoothingConfig(0.5), quantization=None))
     q = onnx.load(str(tmp_path / "q.onnx"))
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in q.graph.initializer}
-    act_scales = {n.input[0]: float(inits[n.input[1]]) for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    shifted = {n.output[0]: (n.input[0], float(inits[n.input[1]])) for n in q.graph.node if n.op_type == "Sub"}
+    act_scales = {shifted.get(n.input[0], (n.input[0],))[0]: (float(inits[n.input[1]]), n.input[0] in shifted)
+                  for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[1] in inits
+                  and inits[n.input[1]].size == 1}
     smoothed = onnx.load(str(tmp_path / "s.onnx"))
     names = sorted(act_scales)
     smoothed.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
     calib = dict(np.load(demo_dir / "tiny_llama.calib.npz"))
     values = run(smoothed, calib)[-len(names):]
+    assert any(s for _, s in act_scales.values())  # the demo has one-sided activations (after SiLU)
     for name, value in zip(names, values):
-        np.testing.assert_allclose(act_scales[name] * 127, np.abs(value).max(), rtol=1e-5)
+        scale, is_shifted = act_scales[name]
+        spread = (value.max() - value.min()) / 2 if is_shifted else np.abs(value).max()
+        np.testing.assert_allclose(scale * 127, spread, rtol=1e-5)
 
 
 def test_smoothquant_beats_no_smoothing_on_outlier_model(demo_dir, tmp_path):
@@ -142,3 +149,41 @@ def test_layer_sqnr_skips_outputs_smoothing_rescaled(demo_dir, tmp_path):
     rows = layer_sqnr(path, tmp_path / "q.onnx", feed)
     assert {name for name, _ in rows}.isdisjoint(rescaled) and len(rows) == 17
     assert all(5 < db < 60 for _, db in rows), rows  # measured 9.9 .. 40 dB
+
+
+def test_one_sided_activations_are_quantized_shifted(tmp_path):
+    """An input in [0, hi] (as after ReLU or GELU): symmetric INT8 wastes half its codes on negatives.
+    For TensorRT (zero points 0) the default quantizes X - c (c the middle) and adds c Σ_k W_dq back
+    after the GEMM: the same function in FP, half the step, a lower error than without the shift; a
+    symmetric input is left alone."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from passes.config import QuantizationConfig, WeightRounding
+    from test_quant_options import QUIET
+
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.normal(0, 0.3, (16, 8)).astype(np.float32), rng.normal(0, 0.3, (16, 8)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["u", "w1"], ["y"], name="fc_u"),
+                               helper.make_node("MatMul", ["v", "w2"], ["z"], name="fc_v")], "g",
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", 16]) for n in "uv"],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", 8]) for n in "yz"],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+              str(tmp_path / "m.onnx"))
+
+    def feed(n):  # u one-sided, v symmetric
+        return {"u": rng.uniform(0, 4, (n, 16)).astype(np.float32), "v": rng.normal(size=(n, 16)).astype(np.float32)}
+
+    calib, feeds = [feed(64), feed(64)], feed(512)
+    ref = run(tmp_path / "m.onnx", feeds)
+    errors = {}
+    for shift in (True, False):
+        cfg = SmoothQuantConfig(SmoothingConfig(enabled=False), QUIET,
+                                QuantizationConfig(weight_rounding=WeightRounding.NEAREST, activation_shift=shift))
+        run_smoothquant(tmp_path / "m.onnx", tmp_path / f"q{shift}.onnx", calib=calib, config=cfg)
+        model = onnx.load(str(tmp_path / f"q{shift}.onnx"))
+        assert [n.input[0] for n in model.graph.node if n.op_type == "Sub"] == (["u"] if shift else [])
+        got = run(model, feeds)
+        errors[shift] = [float(np.linalg.norm(g - r) / np.linalg.norm(r)) for g, r in zip(got, ref)]
+    assert errors[True][0] < 0.85 * errors[False][0], errors  # half the activation step (the weight error stays)
+    assert errors[True][1] == errors[False][1]  # symmetric: untouched

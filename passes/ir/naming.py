@@ -19,9 +19,10 @@ class NameFactory:
 
     @classmethod
     def for_graph(cls, graph) -> NameFactory:
-        """Names not used by any node, node output, initializer or input of ``graph`` (a GraphProto)."""
-        return cls({n.name for n in graph.node} | {o for n in graph.node for o in n.output}
-                   | {t.name for t in graph.initializer} | {i.name for i in graph.input})
+        """Names not used anywhere in ``graph`` (a GraphProto), its If/Loop/Scan bodies included."""
+        from passes.ir.graph import graph_names  # noqa: PLC0415 - graph imports nothing of naming
+
+        return cls(graph_names(graph))
 
     def unique(self, base: str) -> str:
         name, i = base, 1
@@ -118,6 +119,24 @@ class NameFactory:
 
     def scale(self, tensor: str) -> str:
         return self.unique(f"{tensor}.{PREFIX}_scale")
+
+    def shift(self, tensor: str) -> str:
+        return self.unique(f"{tensor}.{PREFIX}_shift")
+
+    def shifted(self, tensor: str) -> str:
+        return self.unique(f"{tensor}.{PREFIX}_shifted")
+
+    def shift_node(self, tensor: str) -> str:
+        return self.unique(f"{PREFIX}_shift::{tensor}")
+
+    def unshifted(self, tensor: str) -> str:
+        return self.unique(f"{tensor}.{PREFIX}_before_shift_correction")
+
+    def shift_correction(self, tensor: str) -> str:
+        return self.unique(f"{tensor}.{PREFIX}_shift_correction")
+
+    def shift_correction_node(self, tensor: str) -> str:
+        return self.unique(f"{PREFIX}_shift_correction::{tensor}")
 
     def zero_point(self, tensor: str) -> str:
         return self.unique(f"{tensor}.{PREFIX}_zero_point")
