@@ -138,7 +138,7 @@ class QuantizationConfig:
     data is small, not the weight's own. ``quantize_tied``: also smooth and quantize MatMuls
     reading ``Transpose`` of a constant (a tied LM head reading the embedding), on their own
     transposed copy (:mod:`passes.untie`). ``activation_shift``: for TensorRT, whose zero points are 0,
-    quantize a one-sided activation range (post-GELU, say) as ``X - c`` with ``c`` its middle and
+    and INT8 (a uniform grid), quantize a one-sided activation range (post-GELU, say) as ``X - c`` with ``c`` its middle and
     add ``c Σ_k W_dq[k, :]`` after the GEMM (exact in FP), where that halves the step or nearly
     (:func:`passes.qdq.activation_shift`)."""
 

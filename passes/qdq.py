@@ -182,7 +182,9 @@ def quantize_linear_ops(view: GraphView, linear_ops: list[LinearOp], ranges: dic
                 a, z = rng.uint8_params()
                 zero_value = np.array(z, dtype=np.uint8)
             else:
-                if config.activation_shift and op.kind is not LinearKind.CONV:
+                # INT8's grid is uniform: centring a one-sided range halves its step. FP8's is not:
+                # it would move the values crowded near 0 to where its steps are coarse.
+                if config.activation_shift and config.precision is Precision.INT8 and op.kind is not LinearKind.CONV:
                     shift = float(np.array(rng.shift(), dtype=dtype))
                 a = (rng.amax if not shift else (rng.hi - rng.lo) / 2) / fmt.qmax
                 zero_value = np.zeros((), dtype=fmt.dtype())
