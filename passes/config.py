@@ -137,10 +137,10 @@ class QuantizationConfig:
     ``weight_rounding``: ``GPTQ`` rounds each weight so the op's output error on the calibration
     data is small, not the weight's own. ``quantize_tied``: also smooth and quantize MatMuls
     reading ``Transpose`` of a constant (a tied LM head reading the embedding), on their own
-    transposed copy (:mod:`passes.untie`). ``activation_shift``: for TensorRT, whose zero points are 0,
-    and INT8 (a uniform grid), quantize a one-sided activation range (post-GELU, say) as ``X - c`` with ``c`` its middle and
-    add ``c Σ_k W_dq[k, :]`` after the GEMM (exact in FP), where that halves the step or nearly
-    (:func:`passes.qdq.activation_shift`)."""
+    transposed copy (:mod:`passes.untie`). ``activation_shift``: for TensorRT (zero points 0) and
+    INT8 (a uniform grid), quantize a one-sided activation range (post-GELU, say) as ``X - c``, ``c``
+    its middle, and add ``c Σ_k W_dq[k, :]`` after the GEMM (exact in FP), where that makes the step
+    at least 1.25x finer (:meth:`passes.qdq.ActivationRange.shift`)."""
 
     precision: Precision = Precision.INT8
     target: Target = Target.TENSORRT
