@@ -107,8 +107,9 @@ def test_w8a8_matches_fp32_on_held_out_text(quantized, label):
 
 
 def test_smoothing_beats_no_smoothing(quantized):
-    # measured on 256 paragraphs: 0.984 unsmoothed, 0.9976 at α=0.9 (bench/minilm.py)
-    assert quantized("int8 α=0.9")[1].metrics["cosine_mean"] > quantized("int8 none")[1].metrics["cosine_mean"] + 0.008
+    # measured here: 0.9931 unsmoothed (0.984 before the activation shift centred the post-GELU
+    # ranges, which helps the unsmoothed model most), 0.9976 at α=0.9 (bench/minilm.py)
+    assert quantized("int8 α=0.9")[1].metrics["cosine_mean"] > quantized("int8 none")[1].metrics["cosine_mean"] + 0.003
 
 
 def test_calibrate_from_a_text_file(minilm, tmp_path, capsys):
