@@ -44,6 +44,7 @@ import onnx
 from calibrators.data import CalibrationData, model_inputs
 from calibrators.minmax import inference_session
 from passes.ir.errors import SmoothQuantError
+from passes.ir.graph import opset_version
 from passes.ir.onnx_io import load_model
 from passes.pipeline import RESCALED_OUTPUTS_KEY
 
@@ -108,6 +109,10 @@ def evaluate(reference: str | os.PathLike, candidate: str | os.PathLike, data: s
     ``disabled_optimizers``: ORT graph transformers both sessions run without (e.g.
     ``SkipLayerNormFusion``, whose kernel is slower than what it replaces in ORT 1.32 on CPU)."""
     ref_model, cand_model = load_model(reference), load_model(candidate)
+    if opset_version(cand_model.proto) >= 21 and "MatMulAddFusion" not in disabled_optimizers:
+        # ONNX Runtime 1.32 (CPU) breaks DQ -> MatMul -> Add of static 3-D shapes at opset >= 21
+        # ("gemm_input_reshape_arg_q ... output_dtype INT8 does not match y_zero_point type UINT8")
+        disabled_optimizers = (*disabled_optimizers, "MatMulAddFusion")
     ref = inference_session(ref_model.proto, ref_model.base_dir, disabled_optimizers=disabled_optimizers)
     cand = inference_session(cand_model.proto, cand_model.base_dir, disabled_optimizers=disabled_optimizers)
     ref_inputs = {i.name for i in ref.get_inputs()}

@@ -285,6 +285,25 @@ def _describe_norm(view: GraphView, tensor: str) -> str:
 def find_fold_site(view: GraphView, activation: str, linear_by_output: dict[str, LinearOp],
                    channels: int, channel_axis: int, rank: int | None,
                    fold_scalars: bool = True, attention_values: bool = False) -> FoldSite | str:
+    """The site that can absorb ``1/s`` for ``activation``, or the reason there is none; also through
+    layout ops that keep the channel axis (:func:`_keeps_channels`) when ``activation`` itself has none.
+    (Details: :func:`_fold_site`.)"""
+    site = _fold_site(view, activation, linear_by_output, channels, channel_axis, rank, fold_scalars,
+                      attention_values)
+    node = view.producer.get(activation)
+    if (isinstance(site, str) and node is not None and channel_axis == -1 and _keeps_channels(view, node, channels)
+            and activation not in view.graph_outputs and view.exclusive(node.input[0], [node])):
+        # X = Reshape/Transpose(Z) with Z's last axis kept as X's: absorb 1/s where Z's is absorbed
+        inner = find_fold_site(view, node.input[0], linear_by_output, channels, channel_axis, rank, fold_scalars,
+                               attention_values)
+        if not isinstance(inner, (str, AttentionValueFold)):
+            return inner
+    return site
+
+
+def _fold_site(view: GraphView, activation: str, linear_by_output: dict[str, LinearOp],
+               channels: int, channel_axis: int, rank: int | None,
+               fold_scalars: bool = True, attention_values: bool = False) -> FoldSite | str:
     """The site that can absorb ``1/s`` for ``activation``, or the reason there is none.
 
     Readers of ``activation`` outside the group are not checked here: the fold pass gives
@@ -303,12 +322,6 @@ def find_fold_site(view: GraphView, activation: str, linear_by_output: dict[str,
         return f"{activation!r} has no producer"
     op = node.op_type
     is_const = lambda t: _const_channel(view, t, channels, channel_axis, rank)  # noqa: E731
-    if channel_axis == -1 and _keeps_channels(view, node, channels) and view.exclusive(node.input[0], [node]):
-        # X = Reshape/Transpose(Z) with Z's last axis kept as X's: absorb 1/s where Z's is absorbed
-        inner = find_fold_site(view, node.input[0], linear_by_output, channels, channel_axis, rank, fold_scalars,
-                               attention_values)
-        if not isinstance(inner, str):
-            return inner
 
     if op == "LayerNormalization" and channel_axis == -1 and attribute(node, "axis", -1) == -1:
         if is_const(node.input[1]) and (len(node.input) < 3 or not node.input[2] or is_const(node.input[2])):

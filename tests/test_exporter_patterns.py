@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -70,4 +71,8 @@ def test_the_default_quantizes_them(tmp_path, pattern):
     result = run_smoothquant(tmp_path / "m.onnx", tmp_path / "q.onnx", calib=calib, config=config())
     assert result.quant_report.quantized == ["fc", "fc2"]
     feeds = {"x": np.random.default_rng(7).normal(size=(4, 2, E)).astype(np.float32)}
-    assert rel_err(run(tmp_path / "m.onnx", feeds), run(tmp_path / "q.onnx", feeds)) < 0.05
+    # ONNX Runtime 1.32's MatMulAddFusion breaks DQ -> MatMul -> Add of static 3-D shapes at opset >= 21
+    # (the RMSNormalization model is opset 23); passes.evaluate turns it off there too
+    session = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"],
+                                   disabled_optimizers=["MatMulAddFusion"])
+    assert rel_err(run(tmp_path / "m.onnx", feeds), session.run(None, feeds)) < 0.05
