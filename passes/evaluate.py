@@ -84,13 +84,16 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def next_token_nll(logits: np.ndarray, ids: np.ndarray, mask: np.ndarray | None) -> tuple[float, int]:
     """Sum of -log p(next token) over positions whose target is real, and their count."""
-    logits = logits[:, :-1].astype(np.float64)
     target = ids[:, 1:]
     valid = np.ones(target.shape, bool) if mask is None else mask[:, 1:].astype(bool)
-    top = logits.max(-1, keepdims=True)
-    log_z = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
-    picked = np.take_along_axis(logits, target[..., None], -1)[..., 0]
-    return float(((log_z - picked) * valid).sum()), int(valid.sum())
+    total = 0.0
+    for row in range(len(logits)):  # one sample at a time: a 262k vocabulary makes a batch's float64 copy huge
+        lg = logits[row, :-1].astype(np.float64)
+        top = lg.max(-1, keepdims=True)
+        log_z = np.log(np.exp(lg - top).sum(-1)) + top[..., 0]
+        picked = np.take_along_axis(lg, target[row][..., None], -1)[..., 0]
+        total += float(((log_z - picked) * valid[row]).sum())
+    return total, int(valid.sum())
 
 
 def _pick_task(task: Task, output: np.ndarray, feed: dict[str, np.ndarray]) -> Task:
@@ -133,7 +136,8 @@ def evaluate(reference: str | os.PathLike, candidate: str | os.PathLike, data: s
         first_feed = first_feed or feed
         outs_ref, outs_cand = ref.run(None, feed), cand.run(None, feed)
         for meta, r, c in zip(ref.get_outputs(), outs_ref, outs_cand):
-            diff = float(np.abs(c.astype(np.float64) - r).max()) if r.size else 0.0
+            diff = max((float(np.abs(c[i].astype(np.float64) - r[i]).max()) for i in range(len(r))), default=0.0) \
+                if r.size and r.ndim else (float(np.abs(np.float64(c) - r)) if r.size else 0.0)
             err_num[meta.name] = max(err_num.get(meta.name, 0.0), diff)
             err_den[meta.name] = max(err_den.get(meta.name, 0.0), float(np.abs(r).max()) if r.size else 0.0)
         picked = _pick_task(picked, outs_ref[0], feed)
