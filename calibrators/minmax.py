@@ -30,7 +30,7 @@ from calibrators.stats import ChannelStats
 from passes.ir.errors import SmoothQuantError
 from passes.ir.graph import make_reduce, opset_version
 from passes.ir.naming import NameFactory
-from passes.ir.onnx_io import INLINE_TENSOR_BYTES, PROTOBUF_LIMIT, LoadedModel, tensor_bytes, tensor_nbytes
+from passes.ir.onnx_io import INLINE_TENSOR_BYTES, PROTOBUF_LIMIT, LoadedModel, make_inline, tensor_nbytes
 
 
 @dataclass(frozen=True)
@@ -150,10 +150,7 @@ def inference_session(proto: onnx.ModelProto, base_dir: Path, providers: Sequenc
         if not uses_external_data(t):
             continue
         if (tensor_nbytes(t) or 0) < INLINE_TENSOR_BYTES:  # ORT's shape inference cannot read these (axes...)
-            raw = tensor_bytes(t, base_dir)
-            del t.external_data[:]
-            t.data_location = onnx.TensorProto.DEFAULT
-            t.raw_data = raw
+            make_inline(t, base_dir)
         elif t.data_type in _ORTVALUE_TYPES and _escapes(base_dir, ExternalDataInfo(t).location):
             # a file linked from elsewhere (a Hugging Face cache): ORT refuses it, so map it here
             info = ExternalDataInfo(t)

@@ -120,10 +120,7 @@ def inline_external_data(proto: onnx.ModelProto, base_dir: Path) -> bool:
         return False
     for t in proto.graph.initializer:
         if uses_external_data(t):
-            raw = tensor_bytes(t, base_dir)
-            del t.external_data[:]
-            t.data_location = onnx.TensorProto.DEFAULT
-            t.raw_data = raw
+            make_inline(t, base_dir)
     return True
 
 
@@ -321,10 +318,16 @@ def read_array(tensor: onnx.TensorProto, base_dir: Path) -> np.ndarray:
         return numpy_helper.to_array(tensor)
     inline = onnx.TensorProto()
     inline.CopyFrom(tensor)  # a stub: the bytes are on disk
-    del inline.external_data[:]
-    inline.data_location = onnx.TensorProto.DEFAULT
-    inline.raw_data = tensor_bytes(tensor, base_dir)
+    make_inline(inline, base_dir)
     return numpy_helper.to_array(inline)
+
+
+def make_inline(tensor: onnx.TensorProto, base_dir: Path) -> None:
+    """Read an external tensor's bytes (through symlinks) into ``tensor`` itself."""
+    raw = tensor_bytes(tensor, base_dir)
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.DEFAULT
+    tensor.raw_data = raw
 
 
 def tensor_bytes(tensor: onnx.TensorProto, base_dir: Path) -> bytes:
