@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from calibrators.data import CalibrationData
-from calibrators.minmax import collect_channel_stats
+from calibrators.calibrate import collect_channel_stats
 from models.export import export
 from passes.config import DEFAULT_ALPHA_GRID, CalibrationConfig, Precision, QuantizationConfig, SmoothQuantConfig
 from passes.ir.graph import GraphView, opset_version

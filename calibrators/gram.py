@@ -27,30 +27,32 @@ from passes.ir.naming import NameFactory
 from passes.ir.onnx_io import LoadedModel
 
 
+def add_gram_nodes(graph: onnx.GraphProto, names: NameFactory, tensor: str, channels: int) -> str:
+    """Append ``Gemm(F, F, transA=1)`` (``F = Reshape(Cast(tensor, float32), [-1, C])``) to ``graph``
+    as a new output; returns the output's name."""
+    def t(tag: str) -> str:
+        return names.unique(f"{tensor}::sq_gram_{tag}")
+
+    shape, x32, flat = t("shape"), t("f32"), t("flat")
+    gram = names.gram_output(tensor)
+    graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1, channels], dtype=np.int64), shape))
+    graph.node.extend([
+        helper.make_node("Cast", [tensor], [x32], name=names.unique(f"{x32}::node"), to=onnx.TensorProto.FLOAT),
+        helper.make_node("Reshape", [x32, shape], [flat], name=names.unique(f"{flat}::node")),
+        helper.make_node("Gemm", [flat, flat], [gram], name=names.amax_node(tensor, "gram"), transA=1),
+    ])
+    graph.output.append(helper.make_empty_tensor_value_info(gram))
+    return gram
+
+
 def build_gram_graph(proto: onnx.ModelProto, channels: Mapping[str, int]
                      ) -> tuple[onnx.ModelProto, dict[str, str], list[onnx.TensorProto]]:
     """A copy of ``proto`` whose outputs are ``XᵀX`` per activation in ``channels`` (name -> C),
     the output name per activation, and the large initializers left out of the copy."""
     out, big = split_large_inline(proto)
-    graph = out.graph
-    names = NameFactory.for_graph(graph)
-    outputs = {}
-    del graph.output[:]
-    for tensor, c in channels.items():
-        def t(tag: str, tensor=tensor) -> str:
-            return names.unique(f"{tensor}::sq_gram_{tag}")
-
-        shape, x32, flat = t("shape"), t("f32"), t("flat")
-        gram = names.gram_output(tensor)
-        graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1, c], dtype=np.int64), shape))
-        graph.node.extend([
-            helper.make_node("Cast", [tensor], [x32], name=names.unique(f"{x32}::node"), to=onnx.TensorProto.FLOAT),
-            helper.make_node("Reshape", [x32, shape], [flat], name=names.unique(f"{flat}::node")),
-            helper.make_node("Gemm", [flat, flat], [gram], name=names.amax_node(tensor, "gram"), transA=1),
-        ])
-        graph.output.append(helper.make_empty_tensor_value_info(gram))
-        outputs[tensor] = gram
-    return out, outputs, big
+    names = NameFactory.for_graph(out.graph)
+    del out.graph.output[:]
+    return out, {tensor: add_gram_nodes(out.graph, names, tensor, c) for tensor, c in channels.items()}, big
 
 
 def collect_grams(model: LoadedModel, proto: onnx.ModelProto, channels: Mapping[str, int], data: CalibrationData,
@@ -155,3 +157,56 @@ class WeightHessians(Mapping):
             else:
                 self._ready[weight] = None
                 self.non_finite.append(weight)
+
+
+class SmoothedHessians(Mapping):
+    """GPTQ's ``H[w]`` from second moments measured on the FP model, under the smoothing.
+
+    Smoothing is exact in FP: an op whose FP input is X reads ``X / s`` once smoothed, so::
+
+        Σ_x (x / s)ᵀ (x / s) = diag(1/s) G diag(1/s),     G = Σ_x xᵀx of the FP input
+
+    and the calibration pass, which runs the FP model anyway, measures ``G`` beside the ranges:
+    no second pass. ``inputs`` maps each weight to ``(FP activation, s or None)`` per op reading
+    it (``H[w]`` sums them); ``grams``: G per activation. Weights not in ``inputs`` (their G did
+    not fit the calibration pass's budget) come from ``rest``, measured on the smoothed graph.
+    """
+
+    def __init__(self, inputs: Mapping[str, Sequence[tuple[str, np.ndarray | None]]], grams: Mapping[str, np.ndarray],
+                 rest: WeightHessians | None = None):
+        self._inputs, self._grams, self._rest = dict(inputs), grams, rest
+        self.non_finite: list[str] = []
+
+    @property
+    def passes(self) -> int:
+        """Passes over the data beyond the calibration pass."""
+        return self._rest.passes if self._rest is not None else 0
+
+    def __getitem__(self, weight: str) -> np.ndarray | None:
+        if weight not in self._inputs:
+            if self._rest is None:
+                raise KeyError(weight)
+            h = self._rest[weight]
+            if h is None and weight not in self.non_finite:
+                self.non_finite.append(weight)
+            return h
+        total = None
+        for activation, scales in self._inputs[weight]:
+            g = self._grams[activation]
+            if scales is not None:
+                inv = 1.0 / np.asarray(scales, dtype=np.float32).reshape(-1)
+                g = g * inv[:, None] * inv[None, :]
+            total = g.copy() if total is None else total + g
+        if not np.all(np.isfinite(total)):
+            if weight not in self.non_finite:
+                self.non_finite.append(weight)
+            return None
+        return total
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._inputs
+        if self._rest is not None:
+            yield from (w for w in self._rest if w not in self._inputs)
+
+    def __len__(self) -> int:
+        return len(self._inputs) + (sum(w not in self._inputs for w in self._rest) if self._rest is not None else 0)

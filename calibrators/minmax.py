@@ -23,10 +23,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
-from tqdm import tqdm
 
-from calibrators.data import CalibrationData, model_inputs
-from calibrators.stats import ChannelStats
 from passes.ir.errors import SmoothQuantError
 from passes.ir.graph import make_reduce, opset_version
 from passes.ir.naming import NameFactory
@@ -185,39 +182,3 @@ def inference_session(proto: onnx.ModelProto, base_dir: Path, providers: Sequenc
         raise SmoothQuantError(f"ONNX Runtime cannot load the model (from {base_dir}): {detail}") from None
     session._sq_external_initializers = (arrays, values)  # ORT reads them in place: keep them alive
     return session
-
-
-def collect_channel_stats(model: LoadedModel, targets: Sequence[StatTarget], data: CalibrationData, *,
-                          progress: bool = True,
-                          providers: Sequence[str] = ("CPUExecutionProvider",)) -> ChannelStats:
-    """Run ``model`` over ``data`` and return per-channel extremes of every target activation."""
-    if not targets:
-        return ChannelStats()
-    data.check(model_inputs(model.proto))
-    calib, outputs, big = build_calibration_graph(model.proto, targets)
-    fetch = [name for t in targets for name in outputs[t.tensor]]
-    stats = ChannelStats()
-    session = inference_session(calib, model.base_dir, providers, big)
-    bar = tqdm(data.batches(), total=data.num_batches(), desc="calibrating", unit="batch",
-               disable=not progress, leave=False)
-    for feed in bar:
-        try:
-            values = session.run(fetch, feed)
-        except Exception as e:  # ORT raises its own exception types
-            raise SmoothQuantError(f"{model.path}: ONNX Runtime failed on a calibration batch: {e}") from None
-        for target, lo, hi in zip(targets, values[0::2], values[1::2]):
-            if lo.shape != (target.channels,) or hi.shape != (target.channels,):
-                raise SmoothQuantError(
-                    f"{model.path}: activation {target.tensor!r} gave {hi.shape} channel statistics, "
-                    f"expected ({target.channels},)"
-                )
-            stats.update(target.tensor, np.maximum(hi, -lo), target.channel_axis, minimum=lo, maximum=hi)
-        stats.num_samples += len(next(iter(feed.values()))) if feed else 0
-    if stats.num_samples == 0:
-        raise SmoothQuantError(f"{data.description}: calibration set is empty (0 samples)")
-    bad = [t.tensor for t in targets if not np.isfinite(stats.amax[t.tensor]).all()]
-    if bad:
-        raise SmoothQuantError(f"{model.path}: activation {bad[0]!r} is NaN or Inf on the calibration data"
-                               + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
-                               + ": the model itself computes non-finite values there")
-    return stats

@@ -20,8 +20,8 @@ import onnx
 import onnx.version_converter
 
 from calibrators.data import CalibrationData, Feed
-from calibrators.gram import WeightHessians
-from calibrators.minmax import collect_channel_stats, inference_session
+from calibrators.calibrate import calibrate
+from calibrators.minmax import inference_session
 from calibrators.stats import ChannelStats
 from passes.search.alpha import AlphaChoice, search_alpha
 from passes.check_trt import check_graph
@@ -29,8 +29,9 @@ from passes.search.clip import ClipChoice, search_clipping
 from passes.config import Granularity, QuantizationConfig, SmoothQuantConfig, Target, WeightRounding
 from passes.ir.errors import SmoothQuantError
 from passes.fold import GroupResult, SmoothingReport, fold_smoothing
+from passes.hessians import gram_requests, report_hessians, weight_hessians
 from passes.ir.graph import GraphView, ensure_opset_import, opset_version
-from passes.linear import LinearKind, LinearOp, find_linear_ops
+from passes.linear import LinearOp, find_linear_ops
 from passes.ir.onnx_io import LoadedModel, TensorStore, inline_external_data, load_model, model_from_proto, save_model
 from passes.ir.paths import check_outputs, data_files, model_files
 from passes.ort_lowering import MS_DOMAIN, MS_VERSION, lower_for_onnxruntime
@@ -140,9 +141,9 @@ def run_smoothquant(model: str | os.PathLike | onnx.ModelProto, output: str | os
 
     if not linear_ops:
         messages.append(f"{loaded.path}: no MatMul/Gemm/Conv with a constant weight; nothing to smooth")
-    channel_stats = ChannelStats()
+    channel_stats, grams = ChannelStats(), {}
     if needs_stats or stats_out is not None:
-        channel_stats = _get_stats(loaded, view, linear_ops, calib, stats, config)
+        channel_stats, grams = _get_stats(loaded, view, linear_ops, calib, stats, config)
         if stats_out is not None:
             channel_stats.save(stats_out)
     groups = _trace_value_paths(loaded, view, groups, calib, config)
@@ -167,7 +168,7 @@ def run_smoothquant(model: str | os.PathLike | onnx.ModelProto, output: str | os
     if not smooth_only:
         quant_report, layer_errors = _quantize(loaded, view, groups, planned, channel_stats, linear_ops, calib,
                                                config, messages, {c.activation: c.ratio for c in clip_choices},
-                                               exclude, splits)
+                                               exclude, splits, grams)
     messages += [f"{name}: neither smoothed nor quantized, reads Transpose of the tied weight again"
                  for name in retie(view, untied)]
     result = SmoothQuantResult(loaded.proto, report, channel_stats, quant_report, layer_errors, alpha_choices,
@@ -257,7 +258,7 @@ def _plan(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup], st
 def _quantize(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup], planned: list[PlannedGroup],
               stats: ChannelStats, linear_ops, calib: CalibSource | None, config: SmoothQuantConfig,
               messages: list[str], clip: dict[str, float], exclude: dict[str, np.ndarray],
-              splits: list[SplitOp]) -> tuple[QuantReport, list[LayerError]]:
+              splits: list[SplitOp], grams: dict[str, np.ndarray]) -> tuple[QuantReport, list[LayerError]]:
     """Exclusions, the sensitivity fallback, Q/DQ placement and the TensorRT self-check."""
     qconfig: QuantizationConfig = config.quantization
     opset = opset_version(loaded.proto)
@@ -275,10 +276,10 @@ def _quantize(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup]
             messages.append(f"--exclude {pattern!r} matches no linear op (names look like {linear_ops[0].name!r})"
                             if linear_ops else f"--exclude {pattern!r} matches no linear op")
     if qconfig.granularity is Granularity.PER_TOKEN:
-        hessians = _weight_hessians(loaded, view, candidates, calib, config, messages)
+        hessians = _weight_hessians(loaded, view, candidates, planned, grams, calib, config, messages)
         quant_report = quantize_per_token(view, candidates, opset, qconfig, hessians,
                                           progress=config.calibration.progress)
-        _report_hessians(hessians, messages)
+        report_hessians(hessians, messages)
         quant_report.skipped[:0] = kept_fp
         if qconfig.target is Target.TENSORRT and quant_report.quantized:
             ensure_opset_import(loaded.proto, plugin_schema.DOMAIN, plugin_schema.VERSION)
@@ -293,10 +294,10 @@ def _quantize(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup]
         candidates = [op for op in candidates if op.name not in fallback]
         kept_fp += [(name, f"sensitivity fallback: SQNR {e.sqnr_db:.1f} dB vs median {median:.1f} dB")
                     for name, e in fallback.items()]
-    hessians = _weight_hessians(loaded, view, candidates, calib, config, messages)
+    hessians = _weight_hessians(loaded, view, candidates, planned, grams, calib, config, messages)
     quant_report = quantize_linear_ops(view, candidates, ranges, opset, qconfig, masked_hessians(hessians, splits),
                                        progress=config.calibration.progress)
-    _report_hessians(hessians, messages)
+    report_hessians(hessians, messages)
     quant_report.skipped[:0] = kept_fp
     if qconfig.target is Target.ONNXRUNTIME:
         lowering = lower_for_onnxruntime(view)
@@ -311,30 +312,14 @@ def _quantize(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup]
     return quant_report, errors
 
 
-def _weight_hessians(loaded: LoadedModel, view: GraphView, ops: list[LinearOp], calib: CalibSource | None,
-                     config: SmoothQuantConfig, messages: list[str]) -> WeightHessians | None:
-    """For GPTQ rounding: per weight initializer, ``Σ xᵀx`` over the calibration rows of the
-    (smoothed) inputs of the ops reading it, measured when the quantizer asks; None for nearest."""
+def _weight_hessians(loaded: LoadedModel, view: GraphView, ops: list[LinearOp], planned: list[PlannedGroup],
+                     grams: dict[str, np.ndarray], calib: CalibSource | None, config: SmoothQuantConfig,
+                     messages: list[str]):
+    """For GPTQ rounding (:mod:`passes.hessians`); None for nearest rounding."""
     if config.quantization.weight_rounding is not WeightRounding.GPTQ:
         return None
-    inputs: dict[str, list[tuple[str, int]]] = {}
-    for op in ops:
-        source = view.constant_source(op.node.input[1])  # the weight now (smoothing may have cloned op.weight)
-        dims = view.store.proto(source).dims
-        if op.kind is LinearKind.CONV or len(dims) != 2:
-            messages.append(f"{op.name}: GPTQ rounds 2-D MatMul/Gemm weights; this op's weight is rounded to nearest")
-        else:
-            inputs.setdefault(source, []).append((op.node.input[0], int(dims[op.weight_in_axis])))
-    return WeightHessians(loaded, loaded.proto, inputs, _calibration_data(loaded, calib, config),
-                          progress=config.calibration.progress)
-
-
-def _report_hessians(hessians: WeightHessians | None, messages: list[str]) -> None:
-    if hessians is None or not hessians.passes:
-        return
-    messages.append(f"GPTQ: input second moments measured in {hessians.passes} pass(es) over the calibration data")
-    messages += [f"weight {w!r}: its ops' inputs are not finite on the calibration data; rounded to nearest instead "
-                 f"of GPTQ" for w in hessians.non_finite]
+    return weight_hessians(loaded, view, ops, planned, grams, _calibration_data(loaded, calib, config), messages,
+                           progress=config.calibration.progress)
 
 
 def tensor_ranges_after_smoothing(groups: list[SmoothingGroup], planned: list[PlannedGroup], stats: ChannelStats,
@@ -399,11 +384,16 @@ def _apply_splits(view: GraphView, to_split: list[tuple[SmoothingGroup, np.ndarr
 
 
 def _get_stats(loaded: LoadedModel, view: GraphView, linear_ops, calib: CalibSource | None,
-               stats: ChannelStats | Sequence[str | os.PathLike] | None, config: SmoothQuantConfig) -> ChannelStats:
+               stats: ChannelStats | Sequence[str | os.PathLike] | None, config: SmoothQuantConfig
+               ) -> tuple[ChannelStats, dict[str, np.ndarray]]:
+    """The statistics, and GPTQ's second moments of the FP inputs where the calibration pass measured them."""
     if stats is not None:
-        return stats if isinstance(stats, ChannelStats) else ChannelStats.merge_files(list(stats))
+        return (stats if isinstance(stats, ChannelStats) else ChannelStats.merge_files(list(stats))), {}
     data = _calibration_data(loaded, calib, config)
-    return collect_channel_stats(loaded, stat_targets(view, linear_ops), data, progress=config.calibration.progress)
+    done = calibrate(loaded, stat_targets(view, linear_ops), data, grams=gram_requests(view, linear_ops,
+                                                                                       config.quantization),
+                     progress=config.calibration.progress)
+    return done.stats, done.grams
 
 
 def _has_calibration(loaded: LoadedModel, calib: CalibSource | None) -> bool:
