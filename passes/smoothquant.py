@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 bad input or failure (one line on stderr naming the pro
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,8 @@ from passes.build_engine import add_engine_arguments, build_prepared, engine_con
 from passes.ir.errors import SmoothQuantError
 from passes.search.alpha import summarize_choices
 from passes.pipeline import default_output_path, run_smoothquant
+
+LOGGER = "smoothquant"
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -108,8 +111,54 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", metavar="PLAN", help="also build a TensorRT engine from the output (needs the "
                                                     "tensorrt package and a GPU; options below)")
     add_engine_arguments(p.add_argument_group("TensorRT engine (with --engine)"))
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or per-group summary")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, notes or summary: errors and the "
+                                                                "written files only (--log-level warning)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also every group and op one by one: what was smoothed, split or skipped and why "
+                        "(--log-level debug)")
+    p.add_argument("--log-level", choices=list(LOG_LEVELS), default=None,
+                   help="the log's threshold (default info: notes and one line per stage)")
     return p
+
+
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def _log_level(args: argparse.Namespace) -> int:
+    if args.log_level is not None:
+        return LOG_LEVELS[args.log_level]
+    return logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+
+
+def _report(result, args: argparse.Namespace) -> None:
+    """Notes, then per stage a headline (info) and its details (debug), through ``logging`` to stdout."""
+    log = logging.getLogger(LOGGER)
+    handler = logging.StreamHandler(sys.stdout)  # this call's stdout (tests swap it)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(_log_level(args))
+    log.propagate = False
+    try:
+        for message in result.messages:
+            log.info("note: %s", message)
+        summaries = [result.report.summary()] + ([result.quant_report.summary()] if result.quant_report else [])
+        if result.alpha_choices:
+            summaries.insert(1, summarize_choices(result.alpha_choices))
+        if result.layer_errors:
+            worst = sorted(result.layer_errors, key=lambda e: e.sqnr_db)[:5]
+            summaries.append("lowest per-layer SQNR on calibration data: "
+                             + ", ".join(f"{e.name} {e.sqnr_db:.1f} dB" for e in worst))
+        hidden = 0
+        for summary in summaries:
+            head, *details = summary.splitlines()
+            log.info(head)
+            for line in details:
+                log.debug(line)
+            hidden += len(details)
+        if hidden and not log.isEnabledFor(logging.DEBUG):
+            log.info("(%d more lines, group by group: -v)", hidden)
+    finally:
+        log.removeHandler(handler)
 
 
 def text_calibration(args: argparse.Namespace) -> list[dict]:
@@ -194,17 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         restore()
-    for message in result.messages:
-        print(f"note: {message}", file=sys.stderr)
-    summaries = [result.report.summary()] + ([result.quant_report.summary()] if result.quant_report else [])
-    if result.alpha_choices:
-        summaries.insert(1, summarize_choices(result.alpha_choices))
-    if result.layer_errors:
-        worst = sorted(result.layer_errors, key=lambda e: e.sqnr_db)[:5]
-        summaries.append("lowest per-layer SQNR on calibration data: "
-                         + ", ".join(f"{e.name} {e.sqnr_db:.1f} dB" for e in worst))
-    for summary in summaries:
-        print(summary if not args.quiet else summary.splitlines()[0])
+    _report(result, args)
     print(f"wrote {', '.join(str(p) for p in result.written)}")
     return 0
 

@@ -43,6 +43,27 @@ def test_smooth_only_defaults(work):
     assert (work / "again.onnx").read_bytes() != (work / "model.smooth.onnx").read_bytes()  # alpha 0.5 vs 0.7
 
 
+def test_log_levels_one_stream_in_order(work, capsys):
+    """Default: notes, then one line per stage and a pointer to -v; -v: every group too; -q: the
+    written file only. All on stdout, notes first (errors alone go to stderr)."""
+    base = [str(work / "model.onnx"), "--fast", "--quantize-tied"]
+    runs = {}
+    for flags in ([], ["-v"], ["-q"], ["--log-level", "debug", "-q"]):
+        assert main(base + ["-o", str(work / "o.onnx")] + flags) == 0
+        captured = capsys.readouterr()
+        assert captured.err == "" or "error" not in captured.err
+        runs[" ".join(flags)] = captured.out.splitlines()
+        (work / "o.onnx").unlink()
+    default, verbose, quiet = runs[""], runs["-v"], runs["-q"]
+    assert default[0].startswith("smoothing groups: 9 found") and default[-1].startswith("wrote ")
+    assert any(line.startswith("(") and "-v)" in line for line in default) and len(default) <= 5, default
+    assert len(verbose) > len(default) + 5 and any(line.startswith("  norm") for line in verbose)
+    assert quiet == [default[-1]] and runs["--log-level debug -q"] == verbose
+    noted = main(base + ["-o", str(work / "n.onnx"), "--exclude", "nomatch"]) == 0 and capsys.readouterr().out
+    lines = noted.splitlines()
+    assert lines[0].startswith("note: --exclude 'nomatch' matches no linear op"), lines
+
+
 def test_main_is_callable_in_process(work, capsys):
     assert main([str(work / "model.onnx"), "--smooth-only", "-q", "-o", str(work / "x.onnx")]) == 0
     assert "wrote" in capsys.readouterr().out
