@@ -80,6 +80,20 @@ def test_one_pass_measures_every_candidate_and_sampled_columns_are_exact(tmp_pat
     assert few["none"].reference == 24
 
 
+def test_search_in_chunks_under_a_twin_budget_gives_the_same_choices(demo_dir, tmp_path, monkeypatch):
+    """Budget 0: a measuring pass per group instead of one for all; the errors are the same numbers."""
+    model, calib = demo_dir / "tiny_llama.onnx", demo_dir / "tiny_llama.calib.npz"
+    config = SmoothQuantConfig(calibration=QUIET)
+    one = run_smoothquant(model, tmp_path / "a.onnx", calib=calib, config=config)
+    monkeypatch.setattr("passes.search.sensitivity.TWIN_BUDGET_BYTES", 0)
+    chunked = run_smoothquant(model, tmp_path / "b.onnx", calib=calib, config=config)
+    assert len(one.alpha_choices) == 7 and [c.alpha for c in one.alpha_choices] == [c.alpha for c in
+                                                                                    chunked.alpha_choices]
+    for a, b in zip(one.alpha_choices, chunked.alpha_choices):
+        assert a.errors.keys() == b.errors.keys()
+        np.testing.assert_allclose([a.errors[k] for k in a.errors], [b.errors[k] for k in a.errors], rtol=1e-5)
+
+
 def test_calibration_head_and_batch_count():
     feeds = [{"x": np.zeros((4, 2), np.float32)} for _ in range(5)]
     data = CalibrationData(feeds)

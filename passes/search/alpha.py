@@ -12,7 +12,8 @@ Mul can take ``1/s``) the quantized error of each of G's ops is measured with FP
     E_G(c) = Σ_{op ∈ G} mean_t |f(DQ(Q(X / s)), DQ(quant(s W))) - f(X, W)|²_t / |f(X, W)|²_t
 
 (every token weighs the same) and G gets ``argmin_c E_G(c)``; ties go to no smoothing. Every
-candidate of every group is measured in the same pass, on the first ``max_tokens`` tokens of
+candidate of every group is measured in one pass (a pass per chunk of groups beyond the twins'
+memory budget), on the first ``max_tokens`` tokens of
 the calibration data (the ranges themselves come from all of it).
 
 The split candidate (:func:`passes.split.outlier_channels`) is measured on the split form
