@@ -126,6 +126,9 @@ class CalibrationConfig:
             raise SmoothQuantError(f"search tokens must be at least 1 (or None: all), got {self.search_tokens}")
 
 
+LINEAR_OP_TYPES = ("MatMul", "Gemm", "Conv")  # what passes.linear finds
+
+
 @dataclass(frozen=True)
 class QuantizationConfig:
     """``exclude``: regular expressions searched in node names; matching linear ops stay FP.
@@ -146,6 +149,7 @@ class QuantizationConfig:
     target: Target = Target.TENSORRT
     weights: WeightStorage = WeightStorage.QUANTIZED
     exclude: tuple[str, ...] = ()
+    exclude_op_types: tuple[str, ...] = ()  # of LINEAR_OP_TYPES: those ops stay FP (ModelOpt's op_types_to_exclude)
     max_fp_layers: int = 0
     check: bool = True
     clip_grid: tuple[float, ...] = ()  # ratios of the calibrated range to try per group; () = max calibration
@@ -156,6 +160,11 @@ class QuantizationConfig:
 
     def __post_init__(self):
         _coerce_enums(self)
+        for name in ("exclude", "exclude_op_types"):  # one string is one pattern / a comma-separated list
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, (value,) if name == "exclude" else
+                                   tuple(t.strip() for t in value.split(",") if t.strip()))
         if any(not 0.0 < r <= 1.0 for r in self.clip_grid):
             raise SmoothQuantError(f"clipping ratios must lie in (0, 1], got {self.clip_grid}")
         for pattern in self.exclude:
@@ -163,6 +172,10 @@ class QuantizationConfig:
                 re.compile(pattern)
             except re.error as e:
                 raise SmoothQuantError(f"--exclude {pattern!r} is not a regular expression: {e}") from None
+        unknown = [t for t in self.exclude_op_types if t not in LINEAR_OP_TYPES]
+        if unknown:
+            raise SmoothQuantError(f"--exclude-op-types {','.join(unknown)}: this tool quantizes "
+                                   f"{', '.join(LINEAR_OP_TYPES)} (op types are case-sensitive)")
         if self.max_fp_layers < 0:
             raise SmoothQuantError(f"max FP layers must be >= 0, got {self.max_fp_layers}")
         per_token = self.granularity is Granularity.PER_TOKEN
@@ -180,6 +193,13 @@ class QuantizationConfig:
     def excluded(self, node_name: str) -> str | None:
         """The first pattern that matches ``node_name``, if any."""
         return next((p for p in self.exclude if re.search(p, node_name)), None)
+
+    def why_kept_fp(self, node_name: str, op_type: str) -> str | None:
+        """Why the user keeps this op in FP (``--exclude-op-types``, ``--exclude``), or None."""
+        if op_type in self.exclude_op_types:
+            return f"excluded by --exclude-op-types {op_type}"
+        pattern = self.excluded(node_name)
+        return None if pattern is None else f"excluded by --exclude {pattern!r}"
 
 
 @dataclass(frozen=True)

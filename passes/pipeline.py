@@ -266,11 +266,11 @@ def _quantize(loaded: LoadedModel, view: GraphView, groups: list[SmoothingGroup]
     kept_fp: list[tuple[str, str]] = []
     candidates = []
     for op in linear_ops:
-        pattern = qconfig.excluded(op.name)
-        if pattern is None:
+        why = qconfig.why_kept_fp(op.name, op.node.op_type)
+        if why is None:
             candidates.append(op)
         else:
-            kept_fp.append((op.name, f"excluded by --exclude {pattern!r}"))
+            kept_fp.append((op.name, why))
     for pattern in qconfig.exclude:
         if not any(re.search(pattern, op.name) for op in linear_ops):
             messages.append(f"--exclude {pattern!r} matches no linear op (names look like {linear_ops[0].name!r})"

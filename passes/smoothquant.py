@@ -96,6 +96,8 @@ def get_parser() -> argparse.ArgumentParser:
                         "the embedding), on their own transposed copy; by default they stay FP")
     p.add_argument("--exclude", action="append", default=[], metavar="REGEX",
                    help="keep linear ops whose node name matches REGEX in FP (repeatable)")
+    p.add_argument("--exclude-op-types", default="", metavar="TYPES",
+                   help="keep every linear op of these types in FP, comma-separated (of MatMul, Gemm, Conv)")
     p.add_argument("--max-fp-layers", type=int, default=0, metavar="N",
                    help="keep up to N linear ops in FP whose quantized output error on the calibration data is "
                         "far above the rest (one more pass over the data)")
@@ -198,7 +200,8 @@ def config_from_args(args: argparse.Namespace) -> SmoothQuantConfig:
                                       search_tokens=args.search_tokens or None),
         quantization=None if args.smooth_only else QuantizationConfig(
             precision=Precision(args.precision), target=Target(args.target), weights=WeightStorage(args.weights),
-            exclude=tuple(args.exclude), max_fp_layers=args.max_fp_layers, check=not args.no_check,
+            exclude=tuple(args.exclude), max_fp_layers=args.max_fp_layers,
+            exclude_op_types=tuple(t for t in args.exclude_op_types.split(",") if t), check=not args.no_check,
             clip_grid=_ratios(args.clip_grid) if args.clip == "search" else (),
             granularity=Granularity(args.granularity),
             weight_rounding=WeightRounding(args.weight_rounding or ("nearest" if args.fast else "auto")),

@@ -97,6 +97,19 @@ def test_exclude_keeps_matching_ops_fp(tmp_path):
         QuantizationConfig(exclude=("(",))
 
 
+def test_exclude_op_types_keeps_every_op_of_a_type_fp(demo_dir, tmp_path):
+    """ModelOpt's op_types_to_exclude: with MatMul excluded the demo LLaMA (MatMuls only) stays all FP; a
+    string is a comma-separated list (API), an unknown type is refused by name."""
+    model = demo_dir / "tiny_llama.onnx"
+    result = run_smoothquant(model, tmp_path / "q.onnx", calib=demo_dir / "tiny_llama.calib.npz",
+                             config=config(exclude_op_types="Gemm, MatMul"))
+    assert not result.quant_report.quantized and len(result.quant_report.skipped) == 15
+    assert {why for _, why in result.quant_report.skipped} == {"excluded by --exclude-op-types MatMul"}
+    assert QuantizationConfig(exclude="lm_head").exclude == ("lm_head",)
+    with pytest.raises(SmoothQuantError, match="--exclude-op-types matmul: this tool quantizes MatMul, Gemm, Conv"):
+        QuantizationConfig(exclude_op_types=("matmul",))
+
+
 def fused_op_types(path, tmp_path) -> collections.Counter:
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -245,7 +258,7 @@ def test_cli_options(demo_dir, tmp_path, capsys):
     from passes.smoothquant import main
 
     out = tmp_path / "q.onnx"
-    assert main([str(demo_dir / "tiny_llama.onnx"), "-o", str(out), "-q", "--max-fp-layers", "1",
+    assert main([str(demo_dir / "tiny_llama.onnx"), "-o", str(out), "--max-fp-layers", "1",
                  "--exclude", "linear_1$", "--target", "onnxruntime", "--weights", "float"]) == 0
     text = capsys.readouterr().out
     assert "lowest per-layer SQNR" in text and "13 linear ops quantized (INT8 W8A8, weights rounded to nearest), 2 kept in FP" in text
@@ -257,7 +270,7 @@ def test_cli_options(demo_dir, tmp_path, capsys):
                  "--weights", "float"]) == 1
     assert "needs --weights quantized" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
-    assert main([str(demo_dir / "tiny_llama.onnx"), "-o", str(out), "-q", "--weight-rounding", "gptq"]) == 0
+    assert main([str(demo_dir / "tiny_llama.onnx"), "-o", str(out), "--weight-rounding", "gptq"]) == 0
     assert "15 linear ops quantized" in capsys.readouterr().out
 
 
