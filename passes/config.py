@@ -142,8 +142,9 @@ class QuantizationConfig:
     reading ``Transpose`` of a constant (a tied LM head reading the embedding), on their own
     transposed copy (:mod:`passes.untie`). ``activation_shift``: for TensorRT (zero points 0) and
     INT8 (a uniform grid), quantize a one-sided activation range (post-GELU, say) as ``X - c``, ``c``
-    its middle, and add ``c Σ_k W_dq[k, :]`` after the GEMM (exact in FP), where that makes the step
-    at least 1.25x finer (:meth:`passes.qdq.ActivationRange.shift`)."""
+    its middle (the short side kept with slack unless it is a floor), and add ``c Σ_k W_dq[k, :]``
+    after the GEMM (exact in FP), where that makes the step at least 1.25x finer
+    (:meth:`passes.qdq.ActivationRange.shift`)."""
 
     precision: Precision = Precision.INT8
     target: Target = Target.TENSORRT

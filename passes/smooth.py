@@ -134,10 +134,24 @@ def smoothed_range(stats: ChannelStats, tensor: str, s: np.ndarray | float = 1.0
         keep[exclude] = False
     s = s[keep] if isinstance(s, np.ndarray) else s
     if tensor in stats.minimum:
-        return ActivationRange(float(np.min(stats.minimum[tensor][keep] / s)),
-                               float(np.max(stats.maximum[tensor][keep] / s)))
+        lows, highs = stats.minimum[tensor][keep], stats.maximum[tensor][keep]
+        lo, hi = float(np.min(lows / s)), float(np.max(highs / s))
+        short = -lows if abs(lo) <= abs(hi) else highs  # the short side's per-channel extremes, in X's units
+        return ActivationRange(lo, hi, floored=_common_bound(short))
     amax = float(np.max(stats.amax[tensor][keep] / s))
     return ActivationRange(-amax, amax)
+
+
+FLOOR_TOLERANCE = 0.02  # per-channel extremes within 2% of the median one: a bound of the function
+
+
+def _common_bound(extremes: np.ndarray) -> bool:
+    """Whether the channels' extremes on one side meet at one value (GELU's -0.17, SiLU's -0.28,
+    ReLU's 0), as a function's bound does, rather than spreading as data's rare extremes do."""
+    if extremes.size < 8:
+        return False
+    median = float(np.median(extremes))
+    return median >= 0 and float(np.max(extremes)) <= (1 + FLOOR_TOLERANCE) * median
 
 
 def plan_smoothing(view: GraphView, groups: list[SmoothingGroup], stats: ChannelStats,

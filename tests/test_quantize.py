@@ -58,7 +58,7 @@ def test_structure(demo_dir, tmp_path, name, n_linear):
 
 def test_activation_scale_is_smoothed_range(demo_dir, tmp_path):
     """max|X'| = max_j(amax_j / s_j): equal to the real range of the smoothed activation on the same data;
-    for an activation quantized shifted (X' - c), half its real spread, with c its middle."""
+    for an activation quantized shifted (X' - c), ``max|X'| - |c|``, the grid covering the real range."""
     path = demo_dir / "tiny_llama.onnx"
     quantize(path, tmp_path / "q.onnx")
     run_smoothquant(path, tmp_path / "s.onnx", config=SmoothQuantConfig(SmoothingConfig(0.5), quantization=None))
@@ -76,8 +76,9 @@ def test_activation_scale_is_smoothed_range(demo_dir, tmp_path):
     assert any(s for _, s in act_scales.values())  # the demo has one-sided activations (after SiLU)
     for name, value in zip(names, values):
         scale, is_shifted = act_scales[name]
-        spread = (value.max() - value.min()) / 2 if is_shifted else np.abs(value).max()
-        np.testing.assert_allclose(scale * 127, spread, rtol=1e-5)
+        c = next((v for x, v in shifted.values() if x == name), 0.0)
+        np.testing.assert_allclose(scale * 127, np.abs(value).max() - abs(c), rtol=1e-5)
+        assert c - 127 * scale <= value.min() + 1e-5 and c + 127 * scale >= value.max() - 1e-5
 
 
 def test_smoothquant_beats_no_smoothing_on_outlier_model(demo_dir, tmp_path):
@@ -187,3 +188,35 @@ def test_one_sided_activations_are_quantized_shifted(tmp_path):
         errors[shift] = [float(np.linalg.norm(g - r) / np.linalg.norm(r)) for g, r in zip(got, ref)]
     assert errors[True][0] < 0.85 * errors[False][0], errors  # half the activation step (the weight error stays)
     assert errors[True][1] == errors[False][1]  # symmetric: untouched
+
+
+def test_shift_keeps_slack_on_the_short_side():
+    """The shifted grid reaches twice the short side's calibrated extreme: after GELU (bounded
+    below by -0.17) that costs nothing; a range whose short side held-out data outruns (SmolLM2's
+    norm outputs: calibrated [-2.47, 7.32], held-out down to -4.59) stays unshifted."""
+    from passes.qdq import ActivationRange
+
+    gelu = ActivationRange(-0.17, 10.0)
+    assert gelu.shift() == pytest.approx((10.0 - 0.34) / 2) and 10.0 - gelu.shift() < 0.52 * 10.0
+    assert ActivationRange(-2.47, 7.32).shift() == 0.0 and ActivationRange(-1.0, 1.2).shift() == 0.0
+    assert ActivationRange(-10.0, 0.1).shift() == pytest.approx((-10.0 + 0.2) / 2)  # mirrored
+    assert ActivationRange(-2.47, 7.32).shift(slack=1.0) == pytest.approx((7.32 - 2.47) / 2)  # no slack
+    assert ActivationRange(0.5, 10.0).shift() == pytest.approx(5.0)  # outwards: the grid reaches 0, not 1
+    assert ActivationRange(-2.47, 7.32, floored=True).shift() == pytest.approx((7.32 - 2.47) / 2)
+
+
+def test_a_bound_every_channel_meets_is_a_floor():
+    """GELU's -0.17 (met by every channel, whatever s) is a floor; norm outputs' spread minima are not."""
+    from calibrators.stats import ChannelStats
+    from passes.smooth import smoothed_range
+
+    rng = np.random.default_rng(0)
+    stats = ChannelStats()
+    hi = rng.uniform(1, 20, 64).astype(np.float32)
+    gelu_lo = np.full(64, -0.17, dtype=np.float32) + rng.uniform(0, 0.002, 64).astype(np.float32)
+    stats.update("gelu", np.maximum(hi, -gelu_lo), -1, minimum=gelu_lo, maximum=hi)
+    norm_lo = -rng.uniform(0.5, 3, 64).astype(np.float32)
+    stats.update("norm", np.maximum(hi, -norm_lo), -1, minimum=norm_lo, maximum=hi)
+    s = rng.uniform(0.5, 2, 64)
+    assert smoothed_range(stats, "gelu", s).floored and not smoothed_range(stats, "norm", s).floored
+    assert smoothed_range(stats, "gelu", s).scaled(0.9).floored

@@ -146,9 +146,9 @@ def test_cli_flag_folds_the_output_projection(tmp_path, capsys):
     path, feeds = attention(tmp_path, 4, 2)
     out = tmp_path / "cli.onnx"
     assert main([str(path), "-o", str(out), "--alpha", "0.8", "--smooth-only", "--fold-attention-values",
-                 "--batch-size", "2"]) == 0
+                 "--batch-size", "2", "-v"]) == 0
     assert "via value projection 'v0' (through P @ V)" in capsys.readouterr().out
     assert rel_err(run(path, feeds), run(out, feeds)) < 1e-5
     assert main([str(path), "-o", str(tmp_path / "plain.onnx"), "--alpha", "0.8", "--smooth-only",
-                 "--batch-size", "2"]) == 0
+                 "--batch-size", "2", "-v"]) == 0
     assert "through P @ V" not in capsys.readouterr().out  # off by default
