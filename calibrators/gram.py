@@ -1,14 +1,10 @@
-"""Input second moments of linear ops, ``H = Σ_x xᵀx``, computed inside the graph by ONNX Runtime.
+"""Input second moments of linear ops, ``H = Σ_x xᵀx``, per weight, for GPTQ (:mod:`passes.gptq`).
 
-For every requested activation X with C channels on its last axis the measuring graph gains::
-
-    F = Reshape(Cast(X, float32), [-1, C]);     G = Gemm(F, F, transA=1) = FᵀF      ([C, C])
-
-so one ``[C, C]`` matrix per activation and batch leaves the session, never the activation
-itself; batches are summed in place in float32 (ORT's own precision for each product).
-Error-compensating weight rounding (:mod:`passes.gptq`) needs these. Memory: ``4 C²`` bytes
-per activation for the sums and about as much again for one batch's outputs;
-:class:`WeightHessians` keeps that under a budget by measuring a chunk of activations per pass.
+They are measured inside the graph by ONNX Runtime (:func:`calibrators.calibrate.add_gram_nodes`):
+one ``[C, C]`` matrix per activation and batch leaves the session, never the activation itself.
+Memory: ``4 C²`` bytes per activation for the sums and about as much again for one batch's
+outputs; :class:`WeightHessians` keeps that under a budget by measuring a chunk of activations
+per pass, and :class:`SmoothedHessians` serves those the calibration pass measured.
 """
 
 from __future__ import annotations
@@ -17,83 +13,13 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
-from onnx import helper
-from tqdm import tqdm
 
-from calibrators.data import CalibrationData, model_inputs
-from calibrators.minmax import inference_session, split_large_inline
-from passes.ir.errors import SmoothQuantError
-from passes.ir.naming import NameFactory
+from calibrators.calibrate import collect_grams
+from calibrators.data import CalibrationData
+from calibrators.minmax import split_large_inline
 from passes.ir.onnx_io import LoadedModel
 
-
-def add_gram_nodes(graph: onnx.GraphProto, names: NameFactory, tensor: str, channels: int) -> str:
-    """Append ``Gemm(F, F, transA=1)`` (``F = Reshape(Cast(tensor, float32), [-1, C])``) to ``graph``
-    as a new output; returns the output's name."""
-    def t(tag: str) -> str:
-        return names.unique(f"{tensor}::sq_gram_{tag}")
-
-    shape, x32, flat = t("shape"), t("f32"), t("flat")
-    gram = names.gram_output(tensor)
-    graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1, channels], dtype=np.int64), shape))
-    graph.node.extend([
-        helper.make_node("Cast", [tensor], [x32], name=names.unique(f"{x32}::node"), to=onnx.TensorProto.FLOAT),
-        helper.make_node("Reshape", [x32, shape], [flat], name=names.unique(f"{flat}::node")),
-        helper.make_node("Gemm", [flat, flat], [gram], name=names.amax_node(tensor, "gram"), transA=1),
-    ])
-    graph.output.append(helper.make_empty_tensor_value_info(gram))
-    return gram
-
-
-def build_gram_graph(proto: onnx.ModelProto, channels: Mapping[str, int]
-                     ) -> tuple[onnx.ModelProto, dict[str, str], list[onnx.TensorProto]]:
-    """A copy of ``proto`` whose outputs are ``XᵀX`` per activation in ``channels`` (name -> C),
-    the output name per activation, and the large initializers left out of the copy."""
-    out, big = split_large_inline(proto)
-    names = NameFactory.for_graph(out.graph)
-    del out.graph.output[:]
-    return out, {tensor: add_gram_nodes(out.graph, names, tensor, c) for tensor, c in channels.items()}, big
-
-
-def collect_grams(model: LoadedModel, proto: onnx.ModelProto, channels: Mapping[str, int], data: CalibrationData,
-                  *, progress: bool = True, initializers: Sequence[onnx.TensorProto] = ()) -> dict[str, np.ndarray]:
-    """``Σ xᵀx`` (float32 ``[C, C]``) over every calibration row of each activation in ``channels``
-    (non-finite where the activation held inf or NaN). ``initializers``: tensors already split
-    off ``proto`` (see :func:`calibrators.minmax.split_large_inline`)."""
-    if not channels:
-        return {}
-    data.check(model_inputs(proto))
-    work, outputs, big = build_gram_graph(proto, channels)
-    session = inference_session(work, model.base_dir, initializers=[*big, *initializers], early_consumers=True,
-                                prepack=False)
-    # ORT writes each batch's products into these buffers (no output allocation per run).
-    products = {t: np.empty((c, c), dtype=np.float32) for t, c in channels.items()}
-    binding = session.io_binding()
-    for t, buffer in products.items():
-        binding.bind_output(outputs[t], "cpu", 0, np.float32, list(buffer.shape), buffer.ctypes.data)
-    sums: dict[str, np.ndarray] = {}
-    batches = 0
-    for feed in tqdm(data.batches(), total=data.num_batches(), desc="input second moments", unit="batch",
-                     disable=not progress, leave=False):
-        batches += 1
-        # ORT may read the bound inputs in place: keep them alive until the run is over.
-        inputs = {name: np.ascontiguousarray(value) for name, value in feed.items()}
-        try:
-            for name, value in inputs.items():
-                binding.bind_cpu_input(name, value)
-            session.run_with_iobinding(binding)
-        except Exception as e:  # ORT raises its own exception types
-            raise SmoothQuantError(f"{model.path}: ONNX Runtime failed while measuring input second moments: "
-                                   f"{e}") from None
-        for tensor, product in products.items():
-            if tensor in sums:
-                sums[tensor] += product  # non-finite sums stay so: the caller reports and skips them
-            else:
-                sums[tensor] = product.copy()
-    if batches == 0:
-        raise SmoothQuantError(f"{data.description}: no calibration batches left to measure input second "
-                               f"moments (an iterator can be read only once)")
-    return sums
+__all__ = ["GRAM_BUDGET_BYTES", "SmoothedHessians", "WeightHessians", "collect_grams"]
 
 
 GRAM_BUDGET_BYTES = 512 << 20

@@ -37,8 +37,11 @@ BLOCK = 32  # rows corrected one at a time per block; 32 vs 128: same result, ha
 
 
 def _inverse_lower(lower: np.ndarray) -> np.ndarray:
-    """``L⁻¹`` of a lower-triangular ``L``, by halves (``[[A, 0], [C, B]]⁻¹ = [[A⁻¹, 0], [-B⁻¹ C A⁻¹, B⁻¹]]``):
-    matrix products only, about a third of the work of a general solve."""
+    """``L⁻¹`` of a lower-triangular ``L``, by halves, matrix products only (about a third of the
+    work of a general solve)::
+
+        [[A, 0], [C, B]]⁻¹ = [[A⁻¹, 0], [-B⁻¹ C A⁻¹, B⁻¹]]
+    """
     k = lower.shape[0]
     if k <= 96:
         return np.tril(np.linalg.inv(lower))

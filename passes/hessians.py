@@ -37,7 +37,8 @@ def gram_requests(view: GraphView, ops: Sequence[LinearOp], config: Quantization
     budget = GRAM_BUDGET_BYTES if budget is None else budget
     out, size = {}, 0
     for op in ops:
-        if op.activation in out or config.why_kept_fp(op.name, op.node.op_type) is not None or not _rounds_by_gptq(view, op, op.weight):
+        if (op.activation in out or config.why_kept_fp(op.name, op.node.op_type) is not None
+                or not _rounds_by_gptq(view, op, op.weight)):
             continue
         c = int(view.store.proto(op.weight).dims[op.weight_in_axis])
         if size + 4 * c * c > budget:

@@ -46,7 +46,7 @@ UINT8_LEVELS = 255.0
 
 
 SHIFT_GAIN = 1.25  # shift an activation when its step gets at least this much finer
-SHIFT_SLACK = 2.0  # ... with the short side of its range reaching twice its calibrated extreme
+SHIFT_SLACK = 2.0  # ... its short side reaching twice its calibrated extreme (unless a floor)
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,8 @@ class ActivationRange:
     def shift(self, min_gain: float = SHIFT_GAIN, slack: float | None = None) -> float:
         """The centre ``c`` of the grid for ``X - c``, quantized symmetrically with the half-width
         ``amax - |c|``: the long side of ``[lo, hi]`` as it is, the short side moved outwards by
-        ``slack - 1`` times its calibrated extreme's magnitude, where that takes a step at least ``min_gain`` times finer than
-        quantizing ``X`` (one-sided ranges: up to 2x); else 0.
+        ``slack - 1`` times its calibrated extreme's magnitude, where that takes a step at least
+        ``min_gain`` times finer than quantizing ``X`` (one-sided ranges: up to 2x); else 0.
 
         The slack: a symmetric grid reaches ``amax`` on both sides, and the shifted one gives that
         margin up on the short side, whose calibrated extreme rests on few values. Where the short

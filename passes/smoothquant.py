@@ -24,7 +24,7 @@ from passes.ir.paths import check_outputs, data_files
 from passes.build_engine import add_engine_arguments, build_prepared, engine_config_from_args, import_tensorrt, prepare
 from passes.ir.errors import SmoothQuantError
 from passes.search.alpha import summarize_choices
-from passes.pipeline import default_output_path, run_smoothquant
+from passes.pipeline import SmoothQuantResult, default_output_path, run_smoothquant
 
 LOGGER = "smoothquant"
 
@@ -132,7 +132,7 @@ def _log_level(args: argparse.Namespace) -> int:
     return logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
 
 
-def _report(result, args: argparse.Namespace) -> None:
+def _report(result: SmoothQuantResult, args: argparse.Namespace) -> None:
     """Notes, then per stage a headline (info) and its details (debug), through ``logging`` to stdout."""
     log = logging.getLogger(LOGGER)
     handler = logging.StreamHandler(sys.stdout)  # this call's stdout (tests swap it)

@@ -15,8 +15,9 @@ does not drown the error of the others, as a plain ``|Y~ - Y|² / |Y|²`` would.
 measured tokens a twin's relative error is ``Σ e / Σ n`` and ``SQNR = -10 log10`` of it.
 
 Cost. All twins share one graph, so one pass over the data serves every candidate of a
-search (one pass per chunk of groups where the twins' weights exceed :data:`TWIN_BUDGET_BYTES`). Weights are quantized per output channel, so the columns of ``Y~`` are independent
-given ``Q(X)``: in a search a twin computes an evenly spaced subset C of them (:func:`columns_to_sample`:
+search (one pass per chunk of groups where the twins' weights exceed :data:`TWIN_BUDGET_BYTES`).
+Weights are quantized per output channel, so the columns of ``Y~`` are independent given
+``Q(X)``: in a search a twin computes an evenly spaced subset C of them (:func:`columns_to_sample`:
 ``max(128, N / 8)`` of N), an unbiased sample of the summed error at a fraction of the GEMM.
 ``max_tokens`` stops the pass once that many tokens have been measured (a search needs far
 fewer tokens than calibration's ranges do).
@@ -335,7 +336,8 @@ def measure_group_candidates(model: LoadedModel, proto: onnx.ModelProto, groups:
                                         for op in g.consumers)) for c in candidates[g.activation]} for g in groups}
 
 
-TWIN_BUDGET_BYTES = 512 << 20  # twins' weights per measuring pass (SmolLM2 INT8: 2 passes, 61 s and 3.2 GB vs one: 66 s, 4.4 GB)
+# Twins' weights per measuring pass (SmolLM2 INT8: 2 passes, 61 s and 3.2 GB, against one: 66 s, 4.4 GB).
+TWIN_BUDGET_BYTES = 512 << 20
 
 
 def twin_weight_bytes(op: LinearOp, dims: list[int], sample_columns: bool) -> int:
